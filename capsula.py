@@ -1,0 +1,1682 @@
+#!/usr/bin/env python3
+"""Capture the context of a command or function run, and reproduce it later.
+
+One module, standard library only; copy it into a repository and run it as
+``python capsula.py``. The sections, in dependency order
+(``grep -n '^# ===' capsula.py`` prints them):
+
+    Errors          CapsulaError and its subclasses, each with an exit code
+    Utilities       clocks, JSON helpers, atomic writes, hashing, redaction
+    Configuration   capsula.toml / [tool.capsula]: discovery and validation
+    Collectors      platform, environment, git, files, CPU, packages, commands
+    Vault           capsule directories and the files inside them
+    Capture         the context of a run, written as context.json
+    Monitor         running a command: live tee, signals, exit codes
+    Decorator       @capsula.monitor for Python functions
+    Reproduce       list, show, diff, verify, rerun and find capsules
+    CLI             the argparse front end and main()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import datetime
+import difflib
+import fnmatch
+import functools
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "CapsulaError",
+    "ConfigError",
+    "CaptureError",
+    "VaultError",
+    "Config",
+    "FileSpec",
+    "load_config",
+    "capture",
+    "monitor",
+    "get_capsule_dir",
+    "main",
+]
+__version__ = "0.1.0"
+
+JSON = Any  # what json.loads returns; kept loose on purpose
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# =============================================================================
+# Errors
+# =============================================================================
+
+
+class CapsulaError(Exception):
+    """A failure the user can act on: printed as one line, never a traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(CapsulaError):
+    """The configuration (or a command-line argument) is invalid."""
+
+    exit_code = 2
+
+
+class CaptureError(CapsulaError):
+    """Capturing the context failed (for example a pre-capture command)."""
+
+
+class VaultError(CapsulaError):
+    """The vault or a capsule in it cannot be read or written."""
+
+
+class Interrupted(BaseException):
+    """A signal (SIGINT, SIGTERM, SIGHUP) arrived while Capsula was working."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+# =============================================================================
+# Utilities
+# =============================================================================
+
+TEXT_LIMIT = 1 << 20  # bytes of stdout/stderr/command output kept inline in JSON
+UNTRACKED_LIMIT = 10 << 20  # bytes: larger untracked files are listed, not diffed
+REDACTED = "<redacted>"
+DEFAULT_SECRET_PATTERNS = (
+    "TOKEN",
+    "SECRET",
+    "PASSWORD",
+    "PASSWD",
+    "API_KEY",
+    "APIKEY",
+    "ACCESS_KEY",
+    "PRIVATE",
+    "CREDENTIAL",
+)
+
+
+def now() -> datetime.datetime:
+    """The current time, aware, in the local time zone (as 0.0.19 did)."""
+    return datetime.datetime.now(datetime.UTC).astimezone()
+
+
+def iso_duration(seconds: float) -> str:
+    """Format a duration as ISO 8601, as 0.0.19 did: ``PT2.486653S``."""
+    days, rest = divmod(max(seconds, 0.0), 86400)
+    text = f"{rest:.6f}".rstrip("0").rstrip(".")
+    return f"P{int(days)}DT{text}S" if days else f"PT{text}S"
+
+
+def jsonable(value: object, *, _seen: frozenset[int] = frozenset()) -> JSON:
+    """Convert a value to something json.dumps accepts; what it cannot hold becomes repr."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else repr(value)
+    if id(value) in _seen:
+        return "<recursive reference>"
+    seen = _seen | {id(value)}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, _seen=seen) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: jsonable(v, _seen=seen) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return safe_repr(value)
+
+
+def safe_repr(value: object) -> str:
+    """repr() that never raises and never grows without bound."""
+    try:
+        text = repr(value)
+    except BaseException as exc:  # noqa: BLE001 - a broken __repr__ must not crash a run
+        text = f"<{type(value).__name__} object; repr() raised {type(exc).__name__}>"
+    return text if len(text) <= 10_000 else text[:10_000] + "...<cut>"
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old file or the whole new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+        with open(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise VaultError(f"cannot write {path}: {exc.strerror or exc}; check free space and permissions") from exc
+
+
+def write_json(path: Path, data: JSON) -> None:
+    """Write JSON atomically, indented as 0.0.19 wrote it."""
+    write_bytes_atomic(path, (json.dumps(data, indent=4, ensure_ascii=False) + "\n").encode())
+
+
+def read_json(path: Path) -> JSON:
+    """Read a JSON file; None when it is missing or not valid JSON (an old or broken capsule)."""
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def normalize_hash_name(name: str) -> str:
+    """Map 0.0.19's names (``sha3`` is sha3-256) onto hashlib's."""
+    name = name.lower().replace("-", "_")
+    return "sha3_256" if name == "sha3" else name
+
+
+def hash_file(path: Path, algorithm: str) -> str:
+    """Hash a file in constant memory."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, normalize_hash_name(algorithm)).hexdigest()
+
+
+def is_secret_name(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a variable or option name looks like it holds a credential."""
+    upper = name.upper().replace("-", "_")
+    return any(p.upper().replace("-", "_") in upper for p in patterns)
+
+
+def redact_args(args: Sequence[str], patterns: Sequence[str], allow: Sequence[str]) -> list[str]:
+    """Redact the values of options whose names look secret (``--token X``, ``--password=X``)."""
+    out: list[str] = []
+    redact_next = False
+    for arg in args:
+        if redact_next:
+            out.append(REDACTED)
+            redact_next = False
+            continue
+        name, eq, _ = arg.partition("=")
+        secret = arg.startswith("-") and name not in allow and is_secret_name(name.lstrip("-"), patterns)
+        if secret and eq:
+            out.append(f"{name}={REDACTED}")
+        else:
+            out.append(arg)
+            redact_next = secret
+    return out
+
+
+_URL_USERINFO = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^@/]*)@")
+
+
+def strip_credentials(url: str) -> str:
+    """Drop passwords and tokens from a remote URL; keep the ssh user (``ssh://git@host``)."""
+    match = _URL_USERINFO.match(url)
+    if match:
+        user = match["user"].split(":", 1)[0]
+        keep = match["scheme"].startswith("ssh") and ":" not in match["user"]
+        url = match["scheme"] + (f"{user}@" if keep else "") + url[match.end() :]
+    return url.split("?", 1)[0].split("#", 1)[0] if "://" in url else url
+
+
+def user_error_text(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+# =============================================================================
+# Configuration
+# =============================================================================
+
+CONFIG_NAME = "capsula.toml"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class FileSpec:
+    """One entry of ``[capture.files]`` or ``[monitor.item.NAME.files]``."""
+
+    path: str
+    hash: str | None = "sha256"
+    copy: bool = False
+    move: bool = False
+
+    def as_dict(self) -> dict[str, JSON]:
+        return {"hash": self.hash, "copy": self.copy, "move": self.move}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
+    """The effective configuration: every key has a default."""
+
+    root: Path
+    source: Path | None = None
+    vault_directory: str = "vault"
+    capsule_template: str = "%Y%m%d_%H%M%S"
+    include_cpu: bool = False
+    include_packages: bool = False
+    pre_capture_commands: tuple[str, ...] = ()
+    environment_variables: tuple[str, ...] = ()
+    files: tuple[FileSpec, ...] = ()
+    git_repositories: tuple[tuple[str, str], ...] | None = None  # None: the root's repository
+    items: Mapping[str, tuple[FileSpec, ...]] = dataclasses.field(default_factory=dict)
+    secret_patterns: tuple[str, ...] = DEFAULT_SECRET_PATTERNS
+    secret_allow: tuple[str, ...] = ()
+    redact_arguments: bool = True
+
+    @property
+    def vault(self) -> Path:
+        return self.root / self.vault_directory
+
+    def as_dict(self) -> dict[str, JSON]:
+        """The settings a capsule records, so that verify and rerun can use them later."""
+        return {
+            "source": str(self.source) if self.source else None,
+            "vault_directory": self.vault_directory,
+            "capsule_template": self.capsule_template,
+            "include_cpu": self.include_cpu,
+            "include_packages": self.include_packages,
+            "pre_capture_commands": list(self.pre_capture_commands),
+            "environment_variables": list(self.environment_variables),
+            "files": {f.path: f.as_dict() for f in self.files},
+            "secret_patterns": list(self.secret_patterns),
+            "secret_allow": list(self.secret_allow),
+            "redact_arguments": self.redact_arguments,
+        }
+
+
+_STR_LIST = "list of strings"
+_FILE_SCHEMA: dict[str, Any] = {"hash": str, "copy": bool, "move": bool}
+_SCHEMA: dict[str, Any] = {
+    "capture": {
+        "vault-directory": str,
+        "capsule-template": str,
+        "include-cpu": bool,
+        "include-packages": bool,
+        "pre-capture-commands": _STR_LIST,
+        "environment-variables": _STR_LIST,
+        "files": {"*": _FILE_SCHEMA},
+        "git": {"repositories": {"*": str}},
+    },
+    "monitor": {"item": {"*": {"files": {"*": _FILE_SCHEMA}}}},
+    "redact": {"patterns": _STR_LIST, "allow": _STR_LIST, "arguments": bool},
+}
+_TYPE_NAMES = {str: "a string", bool: "true or false", _STR_LIST: "a list of strings"}
+
+
+def _check_schema(raw: Mapping[str, Any], schema: Mapping[str, Any], *, where: str, source: str) -> None:
+    """Reject unknown keys (with a "did you mean") and values of the wrong type."""
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else key
+        expected = schema.get(key, schema.get("*"))
+        if expected is None:
+            close = difflib.get_close_matches(key, [k for k in schema if k != "*"], n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(k for k in schema)}"
+            raise ConfigError(f"unknown key '{path}' in {source}; {hint}")
+        if isinstance(expected, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{path}' in {source} must be a table, got {_describe(value)}")
+            _check_schema(value, expected, where=path, source=source)
+        elif expected == _STR_LIST:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"'{path}' in {source} must be a list of strings, got {_describe(value)}")
+        elif type(value) is not expected:
+            raise ConfigError(f"'{path}' in {source} must be {_TYPE_NAMES[expected]}, got {_describe(value)}")
+
+
+def _describe(value: object) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array"}
+    return f"{kind.get(type(value), type(value).__name__)} ({safe_repr(value)[:60]})"
+
+
+def _file_specs(raw: Mapping[str, Any], *, where: str, source: str, root: Path) -> tuple[FileSpec, ...]:
+    specs = []
+    for path, entry in raw.items():
+        spec = FileSpec(path=path, **{k: entry[k] for k in ("hash", "copy", "move") if k in entry})
+        key = f"'{where}.\"{path}\"' in {source}"
+        if spec.copy and spec.move:
+            raise ConfigError(f"{key} sets both copy and move; choose one of them")
+        if spec.hash is not None:
+            name = normalize_hash_name(spec.hash)
+            if name not in hashlib.algorithms_available or name.startswith("shake"):
+                allowed = "md5, sha1, sha256, sha3, sha512, blake2b, ..."
+                raise ConfigError(f"{key} has unknown hash algorithm '{spec.hash}'; use one of {allowed}")
+            spec = dataclasses.replace(spec, hash=name)
+        if not path or "\0" in path:
+            raise ConfigError(f"{key} is not a valid path; name a file relative to the root")
+        if (spec.copy or spec.move) and not _is_inside(root / path, root):
+            raise ConfigError(f"{key} lies outside the root {root}; only files inside it can be copied or moved")
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _is_inside(path: Path, root: Path) -> bool:
+    return os.path.normpath(root / path).startswith(os.path.normpath(root) + os.sep)
+
+
+def _check_template(template: str, *, source: str) -> None:
+    try:
+        name = now().strftime(template)
+    except ValueError as exc:
+        raise ConfigError(f"'capture.capsule-template' in {source} is invalid: {exc}") from exc
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name or name.startswith("."):
+        raise ConfigError(
+            f"'capture.capsule-template' in {source} makes the name {name!r}, which is not one directory "
+            "name; use strftime codes without '/' or a leading '.', e.g. '%Y%m%d_%H%M%S'"
+        )
+
+
+def _find_git_top(path: Path) -> Path | None:
+    """The work tree that contains path, found as git finds it (a .git file or directory)."""
+    for d in (path, *path.parents):
+        if (d / ".git").exists():
+            return d
+    return None
+
+
+def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> Config:
+    """Validate a parsed TOML table (the 0.0.19 format) and build the effective Config."""
+    where = str(source) if source else "the configuration"
+    _check_schema(raw, _SCHEMA, where="", source=where)
+    cap: Mapping[str, Any] = raw.get("capture", {})
+    red: Mapping[str, Any] = raw.get("redact", {})
+    template = cap.get("capsule-template", "%Y%m%d_%H%M%S")
+    _check_template(template, source=where)
+    vault = cap.get("vault-directory", "vault")
+    if not vault:
+        raise ConfigError(f"'capture.vault-directory' in {where} is empty; name a directory, e.g. 'vault'")
+    repos = None
+    if "git" in cap:
+        repos = tuple(cap["git"].get("repositories", {}).items())
+        for name, rel in repos:
+            key = f"'capture.git.repositories.{name}' in {where}"
+            if not name or name.startswith(".") or "/" in name or os.sep in name:
+                raise ConfigError(f"{key}: the name must be a plain file name (it names {name}.diff)")
+            if not (root / rel).is_dir() or _find_git_top((root / rel).resolve()) is None:
+                raise ConfigError(f"{key}: '{rel}' is not a git repository; give a path (relative to {root}) inside one")
+    items = {
+        name: _file_specs(item.get("files", {}), where=f"monitor.item.{name}.files", source=where, root=root)
+        for name, item in raw.get("monitor", {}).get("item", {}).items()
+    }
+    return Config(
+        root=root,
+        source=source,
+        vault_directory=vault,
+        capsule_template=template,
+        include_cpu=cap.get("include-cpu", False),
+        include_packages=cap.get("include-packages", False),
+        pre_capture_commands=tuple(cap.get("pre-capture-commands", ())),
+        environment_variables=tuple(cap.get("environment-variables", ())),
+        files=_file_specs(cap.get("files", {}), where="capture.files", source=where, root=root),
+        git_repositories=repos,
+        items=items,
+        secret_patterns=tuple(red.get("patterns", DEFAULT_SECRET_PATTERNS)),
+        secret_allow=tuple(red.get("allow", ())),
+        redact_arguments=red.get("arguments", True),
+    )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib says "... (at line 3, column 7)": keep it, it is where to look.
+        raise ConfigError(f"invalid TOML in {path}: {exc}; fix the syntax there") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {user_error_text(exc)}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"invalid TOML in {path}: not UTF-8 ({exc.reason}); save it as UTF-8") from exc
+
+
+def _config_table(path: Path) -> dict[str, Any] | None:
+    """The Capsula tables in a config file; None for a pyproject.toml without [tool.capsula]."""
+    if path.name != "pyproject.toml":
+        return _read_toml(path)
+    try:
+        if b"capsula" not in path.read_bytes():  # skip other projects' files, broken or not
+            return None
+    except OSError:
+        return None
+    table = _read_toml(path).get("tool", {}).get("capsula")
+    if table is not None and not isinstance(table, dict):
+        raise ConfigError(f"'tool.capsula' in {path} must be a table")
+    return table
+
+
+def find_config(start: Path) -> Path | None:
+    """The nearest capsula.toml, or pyproject.toml with [tool.capsula], from start upward."""
+    for d in (start, *start.parents):
+        for name in (CONFIG_NAME, "pyproject.toml"):
+            candidate = d / name
+            if candidate.is_file() and _config_table(candidate) is not None:
+                return candidate
+    return None
+
+
+def load_config(directory: str | os.PathLike[str] | None = None, *, cwd: Path | None = None) -> Config:
+    """Find and load the configuration.
+
+    With ``directory`` (``-C``): the config file in it (or the file itself), else defaults
+    rooted there. Without: the nearest config upward from ``cwd``, else defaults rooted at
+    the enclosing git work tree or ``cwd``.
+    """
+    cwd = Path(cwd or os.getcwd()).absolute()
+    if directory is not None:
+        given = (cwd / directory).absolute()
+        if given.is_file():
+            source: Path | None = given
+        elif given.is_dir():
+            source = next((p for p in (given / CONFIG_NAME, given / "pyproject.toml") if p.is_file() and _config_table(p) is not None), None)
+        else:
+            raise ConfigError(f"no such directory: {given}; pass -C the folder that holds {CONFIG_NAME}")
+        root = source.parent if source else given
+    else:
+        source = find_config(cwd)
+        root = source.parent if source else (_find_git_top(cwd) or cwd)
+    table = (_config_table(source) or {}) if source else {}
+    return parse_config(table, root=root, source=source)
+
+
+# =============================================================================
+# Collectors
+# =============================================================================
+
+Runner = Callable[..., "subprocess.CompletedProcess[bytes]"]
+
+
+def run_process(
+    args: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """The one place collectors start a process; tests may pass another runner."""
+    return subprocess.run(args, cwd=cwd, env=env, input=stdin, capture_output=True, check=False)
+
+
+def warn(message: str, warnings: list[str] | None = None) -> None:
+    """Tell the user on stderr, and keep the warning for the capsule."""
+    print(f"capsula: warning: {message}", file=sys.stderr)
+    if warnings is not None:
+        warnings.append(message)
+
+
+def read_boot_id() -> str | None:
+    """An id that changes at every boot (Linux); None where there is none."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _executable_architecture() -> dict[str, str]:
+    # platform.architecture() spawns `file`; the ELF magic and the pointer size give
+    # the same answer for the running interpreter without a subprocess.
+    bits = f"{8 * (sys.maxsize.bit_length() + 1) // 8}bit"
+    linkage = ""
+    try:
+        with open(sys.executable, "rb") as f:
+            magic = f.read(4)
+        linkage = "ELF" if magic == b"\x7fELF" else ("WindowsPE" if sys.platform == "win32" else "")
+    except OSError:
+        pass
+    return {"bits": bits, "linkage": linkage}
+
+
+def collect_platform(processor: str) -> dict[str, JSON]:
+    """Platform and Python facts, under 0.0.19's keys."""
+    uname = platform.uname()
+    build_no, build_date = platform.python_build()
+    return {
+        "machine": uname.machine,
+        "node": uname.node,
+        "platform": platform.platform(),
+        "release": uname.release,
+        "version": uname.version,
+        "system": uname.system,
+        "processor": processor,
+        "python": {
+            "executable_architecture": _executable_architecture(),
+            "build_no": build_no,
+            "build_date": build_date,
+            "compiler": platform.python_compiler(),
+            "branch": platform.python_branch(),
+            "implementation": platform.python_implementation(),
+            "version": platform.python_version(),
+            "executable": sys.executable,
+            "prefix": sys.prefix,
+        },
+    }
+
+
+def collect_environment(
+    names: Sequence[str], environ: Mapping[str, str], *, patterns: Sequence[str], allow: Sequence[str]
+) -> dict[str, str | None]:
+    """Chosen variables by name or glob; unset names are null, secret-looking ones redacted."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        if any(c in name for c in "*?["):
+            matched = sorted(k for k in environ if fnmatch.fnmatchcase(k, name))
+        else:
+            matched = [name]
+        for key in matched:
+            value = environ.get(key)
+            secret = value is not None and key not in allow and is_secret_name(key, patterns)
+            out[key] = REDACTED if secret else value
+    return out
+
+
+def parse_git_status(out: bytes) -> dict[str, JSON]:
+    """Parse ``git status --porcelain=v2 --branch -z``: sha, branch, changes, untracked files."""
+    sha: str | None = None
+    branch: str | None = None
+    changed = 0
+    untracked: list[str] = []
+    records = iter(out.split(b"\0"))
+    for rec in records:
+        if rec.startswith(b"# branch.oid "):
+            sha = None if rec[13:] == b"(initial)" else rec[13:].decode()
+        elif rec.startswith(b"# branch.head "):
+            branch = None if rec[14:] == b"(detached)" else os.fsdecode(rec[14:])
+        elif rec.startswith(b"? "):
+            untracked.append(os.fsdecode(rec[2:]))
+        elif rec[:2] in (b"1 ", b"2 ", b"u "):
+            changed += 1
+            if rec.startswith(b"2 "):
+                next(records, None)  # a rename carries its original path as one more record
+    return {"sha": sha, "branch": branch, "changed": changed, "untracked": untracked}
+
+
+def _git_env(**extra: str) -> dict[str, str]:
+    # GIT_DIR & co. from a hook or a wrapper would point git at another repository.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(LC_ALL="C", GIT_OPTIONAL_LOCKS="0", GIT_LITERAL_PATHSPECS="1", **extra)
+    return env
+
+
+def _git(runner: Runner, cwd: Path, *args: str, stdin: bytes | None = None, ok: int = 0, **env: str) -> bytes:
+    result = runner(["git", *args], cwd=cwd, env=_git_env(**env), stdin=stdin)
+    if result.returncode not in (0, ok):
+        msg = result.stderr.decode(errors="replace").strip().splitlines()
+        raise CaptureError(f"git {args[0]} failed in {cwd}: {msg[-1] if msg else result.returncode}")
+    return bytes(result.stdout)
+
+
+EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+
+
+def collect_git(
+    name: str, rel: str, *, root: Path, diff_path: Path | None, vault: Path | None = None, runner: Runner = run_process
+) -> dict[str, JSON]:
+    """The state of one repository, and (into diff_path) every uncommitted change as a patch.
+
+    The patch holds staged and unstaged changes, binary files, and untracked files that are
+    not ignored (each up to UNTRACKED_LIMIT), so that ``git apply --binary`` of it on a
+    clean checkout of ``sha`` recreates the working tree. The user's index is not touched:
+    untracked files are added with --intent-to-add to a copy of it.
+    """
+    path = root / rel
+    entry: dict[str, JSON] = {"path": rel, "sha": None, "branch": None, "remotes": []}
+    try:
+        top_s, index_s = _git(runner, path, "rev-parse", "--show-toplevel", "--git-path", "index").decode().splitlines()
+        top, index = Path(top_s), path / index_s
+        status = parse_git_status(
+            _git(runner, path, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all")
+        )
+        # exit code 1: no remote at all
+        remotes = _git(runner, path, "config", "-z", "--get-regexp", r"^remote\..*\.url$", ok=1)
+    except (CaptureError, OSError, ValueError) as exc:
+        entry["error"] = str(exc)
+        return entry
+    entry["sha"], entry["branch"] = status["sha"], status["branch"]
+    entry["remotes"] = [
+        {"name": key.split(".", 1)[1].rsplit(".", 1)[0], "url": strip_credentials(url)}
+        for key, _, url in (rec.decode(errors="replace").partition("\n") for rec in remotes.split(b"\0") if rec)
+    ]
+    entry["root_in_repo"] = os.path.relpath(root, top)
+    if vault is not None:
+        inside = os.path.relpath(vault, top) + "/"
+        status["untracked"] = [u for u in status["untracked"] if not (u + "/").startswith(inside)]
+    untracked = [u for u in status["untracked"] if _untracked_size(top / u) <= UNTRACKED_LIMIT]
+    entry["untracked"] = status["untracked"]
+    entry["untracked_not_in_diff"] = sorted(set(status["untracked"]) - set(untracked))
+    entry["dirty"] = bool(status["changed"] or status["untracked"])
+    if diff_path is not None:
+        entry["diff_file"] = diff_path.name
+        try:
+            _write_git_diff(runner, top, index, diff_path, base=status["sha"] or EMPTY_TREE, untracked=untracked)
+        except (CaptureError, OSError) as exc:
+            entry["error"] = f"cannot write {diff_path.name}: {exc}"
+    return entry
+
+
+def _untracked_size(path: Path) -> int:
+    try:
+        return path.lstat().st_size
+    except OSError:
+        return 0
+
+
+def _write_git_diff(runner: Runner, top: Path, index: Path, diff_path: Path, *, base: str, untracked: list[str]) -> None:
+    tmp_index = diff_path.with_name(f".{diff_path.name}.index")
+    try:
+        if untracked:
+            if index.exists():
+                shutil.copyfile(index, tmp_index)
+            paths = b"\0".join(os.fsencode(u) for u in untracked) + b"\0"
+            _git(runner, top, "add", "--intent-to-add", "--pathspec-from-file=-", "--pathspec-file-nul",
+                 stdin=paths, GIT_INDEX_FILE=str(tmp_index))  # fmt: skip
+        env = {"GIT_INDEX_FILE": str(tmp_index)} if untracked else {}
+        patch = _git(runner, top, "diff", "--binary", "--no-color", "--no-ext-diff", "--no-textconv",
+                     "--src-prefix=a/", "--dst-prefix=b/", base, **env)  # fmt: skip
+        write_bytes_atomic(diff_path, patch)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp_index.unlink()
+
+
+def parse_proc_cpuinfo(text: str) -> dict[str, JSON]:
+    """py-cpuinfo's keys from /proc/cpuinfo text (the first processor's block)."""
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    info: dict[str, JSON] = {}
+    for key, src in (("vendor_id_raw", "vendor_id"), ("brand_raw", "model name")):
+        if src in fields:
+            info[key] = fields[src]
+    for key in ("stepping", "model", "family"):
+        src = "cpu family" if key == "family" else key
+        if fields.get(src, "").isdigit():
+            info[key] = int(fields[src])
+    flags = fields.get("flags") or fields.get("Features")
+    if flags is not None:
+        info["flags"] = sorted(flags.split())
+    mhz = _float_or_none(fields.get("cpu MHz"))
+    if mhz is not None:
+        info.update(hz_fields("actual", int(mhz * 1e6)))
+        advertised = re.search(r"@\s*([\d.]+)\s*GHz", fields.get("model name", ""))
+        info.update(hz_fields("advertised", int(float(advertised[1]) * 1e9) if advertised else int(mhz * 1e6)))
+    return info
+
+
+def _float_or_none(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def hz_fields(kind: str, hz: int) -> dict[str, JSON]:
+    return {f"hz_{kind}_friendly": f"{hz / 1e9:.4f} GHz", f"hz_{kind}": [hz, 0]}
+
+
+def read_sysfs_caches(cpu_dir: Path) -> dict[str, JSON]:
+    """Cache sizes of one CPU from /sys/devices/system/cpu/cpuN/cache, under py-cpuinfo's keys."""
+    info: dict[str, JSON] = {}
+    names = {("1", "Data"): "l1_data", ("1", "Instruction"): "l1_instruction", ("2", "Unified"): "l2", ("3", "Unified"): "l3"}
+    for index in sorted(cpu_dir.glob("index*")):
+        try:
+            level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        prefix = names.get((level, kind))
+        if prefix is None:
+            continue
+        scale = {"K": 1024, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+        info[f"{prefix}_cache_size"] = int(size.rstrip("KMG")) * scale
+        if prefix == "l2":
+            for key, src in (("line_size", "coherency_line_size"), ("associativity", "ways_of_associativity")):
+                with contextlib.suppress(OSError, ValueError):
+                    info[f"l2_cache_{key}"] = int((index / src).read_text())
+    return info
+
+
+_ARCH_NAMES = {"x86_64": "X86_64", "amd64": "X86_64", "i386": "X86_32", "i686": "X86_32", "aarch64": "ARM_8",
+               "arm64": "ARM_8", "ppc64le": "PPC_64", "ppc64": "PPC_64", "riscv64": "RISCV_64", "s390x": "S390X"}  # fmt: skip
+
+
+def cpu_from_system() -> dict[str, JSON]:
+    """The standard-library fallback for py-cpuinfo: its keys wherever they can be had."""
+    bits = 8 * (sys.maxsize.bit_length() + 1) // 8
+    machine = platform.machine()
+    info: dict[str, JSON] = {
+        "python_version": f"{'.'.join(map(str, sys.version_info))} ({bits} bit)",
+        "source": "capsula",
+        "arch": _ARCH_NAMES.get(machine.lower(), machine.upper()),
+        "bits": bits,
+        "count": os.cpu_count(),
+        "arch_string_raw": machine,
+    }
+    with contextlib.suppress(OSError):
+        info.update(parse_proc_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace")))
+    info.update(read_sysfs_caches(Path("/sys/devices/system/cpu/cpu0/cache")))
+    return info
+
+
+def current_hz() -> int | None:
+    """The current clock of the first CPU, read fresh: it changes while the machine is up."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq").read_text()) * 1000
+    with contextlib.suppress(OSError):
+        hz = parse_proc_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace")).get("hz_actual")
+        return int(hz[0]) if isinstance(hz, list) else None
+    return None
+
+
+class HostCache:
+    """Facts that do not change while the machine is up, cached in the vault.
+
+    The key holds the host name, the boot id, the interpreter and the py-cpuinfo version,
+    so a reboot, another host (on a shared vault) or an upgrade reads them afresh.
+    """
+
+    def __init__(self, vault: Path, cpuinfo_version: str | None) -> None:
+        boot = read_boot_id()
+        raw = f"{platform.node()}|{boot}|{sys.executable}|{sys.version}|{cpuinfo_version}"
+        self.path = vault / ".cache" / f"host-{hashlib.sha256(raw.encode()).hexdigest()[:16]}.json" if boot else None
+        self.data: dict[str, JSON] = (read_json(self.path) or {}) if self.path else {}
+
+    def get(self, key: str, compute: Callable[[], JSON]) -> JSON:
+        if key not in self.data:
+            self.data[key] = compute()
+            if self.path is not None:
+                with contextlib.suppress(OSError, CapsulaError):
+                    self.path.parent.mkdir(exist_ok=True)
+                    write_json(self.path, self.data)
+        return self.data[key]
+
+
+def _cpuinfo_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("py-cpuinfo")
+    except Exception:  # noqa: BLE001 - not installed, or broken metadata: use the fallback
+        return None
+
+
+def collect_cpu(cache: HostCache) -> dict[str, JSON]:
+    """py-cpuinfo's dict when it is installed (cached per boot), else the fallback; never raises."""
+    try:
+        if cache.data.get("cpuinfo_version") is not None or _cpuinfo_version() is not None:
+            info = dict(cache.get("cpu", _cpuinfo_dict))
+        else:
+            info = cpu_from_system()
+    except Exception as exc:  # noqa: BLE001 - CPU facts are optional; record why they are missing
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    hz = current_hz()
+    if hz is not None:
+        info.update(hz_fields("actual", hz))
+    return info
+
+
+def _cpuinfo_dict() -> JSON:
+    import cpuinfo  # type: ignore[import-untyped,unused-ignore]  # optional extra: capsula[cpu]
+
+    return dict(cpuinfo.get_cpu_info())
+
+
+def collect_packages() -> dict[str, JSON]:
+    """Installed distributions read in-process: name -> version, and the source of
+    direct-URL and editable installs."""
+    from importlib import metadata
+
+    out: dict[str, JSON] = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if not name:
+            continue
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in out:  # the first on sys.path wins, as at import time
+            continue
+        entry: dict[str, JSON] = {"name": name, "version": dist.version}
+        direct = dist.read_text("direct_url.json")
+        if direct:
+            with contextlib.suppress(ValueError, AttributeError):
+                data = json.loads(direct)
+                entry["source"] = strip_credentials(str(data.get("url", "")))
+                entry["editable"] = bool(data.get("dir_info", {}).get("editable", False))
+                if "vcs_info" in data:
+                    entry["commit"] = data["vcs_info"].get("commit_id")
+        out[key] = entry
+    return dict(sorted(out.items()))
+
+
+def run_pre_capture_command(command: str, *, cwd: Path, env: Mapping[str, str]) -> dict[str, JSON]:
+    """Run one pre-capture command through the shell and record all of it."""
+    start = time.perf_counter()
+    result = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, check=False)
+    return {
+        "command": command,
+        "exit_code": result.returncode,
+        "stdout": _clip_text(result.stdout),
+        "stderr": _clip_text(result.stderr),
+        "duration": round(time.perf_counter() - start, 6),
+    }
+
+
+def _clip_text(data: bytes) -> str:
+    return data[-TEXT_LIMIT:].decode(errors="replace")
+
+
+# =============================================================================
+# Vault
+# =============================================================================
+
+CONTEXT = "context.json"
+PRE_RUN = "pre-run-info.json"
+POST_RUN = "post-run-info.json"
+MANIFEST = "capsule.json"
+STDOUT = "stdout.txt"
+STDERR = "stderr.txt"
+RESERVED = frozenset({CONTEXT, PRE_RUN, POST_RUN, MANIFEST, STDOUT, STDERR})
+COPY_CHUNK = 1 << 20
+
+
+def create_capsule_dir(vault: Path, template: str, when: datetime.datetime) -> Path:
+    """Make a new capsule directory; a taken name (same second, another process or host)
+    gets a suffix. mkdir is atomic, so two writers never share a capsule."""
+    try:
+        vault.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VaultError(f"cannot create the vault {vault}: {user_error_text(exc)}; check the path and permissions") from exc
+    base = when.strftime(template)
+    for n in range(1, 1_000_000):
+        path = vault / (base if n == 1 else f"{base}_{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise VaultError(f"cannot create a capsule in {vault}: {user_error_text(exc)}; check permissions and free space") from exc
+    raise VaultError(f"no free capsule name for {base!r} in {vault}")
+
+
+def stored_name(rel: str, reserved: frozenset[str]) -> str:
+    """Where a copied or moved file lives in the capsule: its path relative to the root,
+    under _files/ when that would collide with one of Capsula's own files."""
+    rel = os.path.normpath(rel)
+    return f"_files/{rel}" if rel.split(os.sep, 1)[0] in reserved else rel
+
+
+def copy_and_hash(src: Path, dest: Path, algorithm: str | None) -> str | None:
+    """Copy src to dest through a temporary file, hashing the bytes as they are written:
+    the hash is that of the stored copy, and dest is whole or absent."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    digest = hashlib.new(algorithm) if algorithm else None
+    try:
+        with open(src, "rb") as fin, open(tmp, "xb") as fout:
+            buf = bytearray(COPY_CHUNK)
+            view = memoryview(buf)
+            while n := fin.readinto(buf):
+                if digest:
+                    digest.update(view[:n])
+                fout.write(view[:n])
+        shutil.copystat(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return digest.hexdigest() if digest else None
+
+
+def move_file(src: Path, dest: Path, algorithm: str | None) -> str | None:
+    """Move src to dest: a rename on one filesystem; across filesystems a complete copy
+    first, and only then the source removed. Never both lost."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(src, dest)
+    except OSError as exc:
+        if exc.errno != 18:  # EXDEV: another filesystem
+            raise
+        file_hash = copy_and_hash(src, dest, algorithm)
+        src.unlink()
+        return file_hash
+    return hash_file(dest, algorithm) if algorithm else None
+
+
+def capture_file(
+    spec: FileSpec, *, root: Path, capsule: Path, reserved: frozenset[str], warnings: list[str]
+) -> dict[str, JSON] | None:
+    """Hash (and copy or move) one listed file; a missing file is None and a warning."""
+    src = root / spec.path
+    if not os.path.lexists(src) or src.is_dir():
+        warn(f"{spec.path}: {'is a directory' if src.is_dir() else 'no such file'}; recorded as null", warnings)
+        return None
+    entry: dict[str, JSON] = {"hash_algorithm": spec.hash, "file_hash": None}
+    try:
+        if src.is_symlink():
+            # Recorded as a link: the capsule keeps the link, never what it points to.
+            entry["symlink"] = os.readlink(src)
+            if spec.copy or spec.move:
+                dest = capsule / stored_name(spec.path, reserved)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(entry["symlink"], dest)
+                entry["stored_as"] = stored_name(spec.path, reserved)
+                if spec.move:
+                    src.unlink()
+            if spec.hash and src.exists():
+                entry["file_hash"] = hash_file(src if src.exists() else dest, spec.hash)
+            return entry
+        entry["size"] = src.stat().st_size
+        if spec.copy or spec.move:
+            name = stored_name(spec.path, reserved)
+            entry["file_hash"] = (move_file if spec.move else copy_and_hash)(src, capsule / name, spec.hash)
+            entry["stored_as"] = name
+            entry["moved" if spec.move else "copied"] = True
+        elif spec.hash:
+            entry["file_hash"] = hash_file(src, spec.hash)
+    except OSError as exc:
+        warn(f"{spec.path}: {user_error_text(exc)}; the file was not captured", warnings)
+        entry["error"] = user_error_text(exc)
+    return entry
+
+
+def capture_files(
+    specs: Sequence[FileSpec], *, root: Path, capsule: Path, reserved: frozenset[str], warnings: list[str]
+) -> dict[str, JSON]:
+    return {s.path: capture_file(s, root=root, capsule=capsule, reserved=reserved, warnings=warnings) for s in specs}
+
+
+def resolve_capsule(spec: str, vault: Path) -> Path:
+    """A capsule named by path, name, unique name prefix, or ``latest`` / ``latest~N``."""
+    direct = Path(spec)
+    if (direct / CONTEXT).exists() or (direct / MANIFEST).exists():
+        return direct.absolute()
+    names = list_capsule_names(vault)
+    match = re.fullmatch(r"latest(?:~(\d+))?", spec)
+    if match:
+        ordered = sorted(names, key=lambda n: capsule_sort_key(vault / n), reverse=True)
+        n = int(match[1] or 0)
+        if n >= len(ordered):
+            raise VaultError(f"{spec}: the vault {vault} holds {len(ordered)} capsule(s)")
+        return vault / ordered[n]
+    if spec in names:
+        return vault / spec
+    found = [n for n in names if n.startswith(spec)]
+    if len(found) == 1:
+        return vault / found[0]
+    if not found:
+        raise VaultError(f"no capsule {spec!r} in {vault}; run 'capsula list' to see the names")
+    raise VaultError(f"{spec!r} matches {len(found)} capsules in {vault} ({', '.join(sorted(found)[:3])}, ...); give more of the name")
+
+
+def list_capsule_names(vault: Path) -> list[str]:
+    try:
+        with os.scandir(vault) as it:
+            return [e.name for e in it if not e.name.startswith(".") and e.is_dir()]
+    except OSError as exc:
+        raise VaultError(f"cannot read the vault {vault}: {user_error_text(exc)}; pass --vault or -C") from exc
+
+
+def capsule_sort_key(path: Path) -> tuple[str, str]:
+    manifest = read_json(path / MANIFEST)
+    started = manifest.get("started") if isinstance(manifest, dict) else None
+    return (str(started or ""), path.name)
+
+
+# =============================================================================
+# Capture
+# =============================================================================
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class Capsule:
+    """A capsule being written: its directory, settings and what is known so far."""
+
+    path: Path
+    config: Config
+    context: dict[str, JSON]
+    manifest: dict[str, JSON]
+    warnings: list[str]
+
+    def write_manifest(self, **updates: JSON) -> None:
+        """capsule.json: the small summary that `capsula list` reads, kept current."""
+        self.manifest.update(updates)
+        write_json(self.path / MANIFEST, self.manifest)
+
+    @property
+    def reserved(self) -> frozenset[str]:
+        git = self.context.get("git") or {}
+        return RESERVED | {f"{name}.diff" for name in git}
+
+
+def default_repositories(root: Path) -> tuple[tuple[str, str], ...]:
+    """Without a [capture.git] table: the repository that holds the root, if any."""
+    top = _find_git_top(root)
+    return ((re.sub(r"[^\w.-]", "_", top.name).lstrip(".") or "repo", "."),) if top else ()
+
+
+def _in_thread(fn: Callable[[], JSON]) -> Callable[[], JSON]:
+    """Start fn in a thread; the returned callable joins it and gives its result or error."""
+    box: dict[str, JSON] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except Exception as exc:  # noqa: BLE001 - one collector failing never aborts the others
+            box["value"] = {"error": f"{type(exc).__name__}: {exc}"}
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return lambda: (thread.join(), box.get("value"))[1]
+
+
+def collect_context(capsule: Capsule, environ: Mapping[str, str], *, runner: Runner, diffs: bool = True) -> dict[str, JSON]:
+    """Everything context.json holds, with independent collectors running concurrently."""
+    config = capsule.config
+    repos = config.git_repositories if config.git_repositories is not None else default_repositories(config.root)
+    cache = HostCache(config.vault, _cpuinfo_version() if config.include_cpu else None)
+    pending = {
+        name: _in_thread(functools.partial(collect_git, name, rel, root=config.root, runner=runner, vault=config.vault,
+                                           diff_path=capsule.path / f"{name}.diff" if diffs else None))  # fmt: skip
+        for name, rel in repos
+    }
+    cpu = _in_thread(functools.partial(collect_cpu, cache)) if config.include_cpu else None
+    packages = _in_thread(collect_packages) if config.include_packages else None
+    processor = str(cache.get("processor", platform.processor) if sys.platform.startswith("linux") else platform.processor())
+    context = {
+        "root_directory": str(config.root),
+        "cwd": os.getcwd(),
+        "platform": collect_platform(processor),
+        "environment_variables": collect_environment(
+            config.environment_variables, environ, patterns=config.secret_patterns, allow=config.secret_allow
+        ),
+        "git": {name: join() for name, join in pending.items()},
+    }
+    capsule.context.update(context)
+    if diffs:
+        context["files"] = capture_files(
+            config.files, root=config.root, capsule=capsule.path, reserved=capsule.reserved, warnings=capsule.warnings
+        )
+    else:  # verify: hash in place, nothing copied or moved
+        context["files"] = {f.path: _hash_in_place(config.root / f.path, f.hash) for f in config.files}
+    context["cpu"] = cpu() if cpu else None
+    if packages:
+        context["packages"] = packages()
+    return context
+
+
+def _hash_in_place(path: Path, algorithm: str | None) -> dict[str, JSON] | None:
+    try:
+        return {"hash_algorithm": algorithm, "file_hash": hash_file(path, algorithm) if algorithm else None}
+    except OSError:
+        return None
+
+
+def _base_manifest(kind: str, started: datetime.datetime) -> dict[str, JSON]:
+    return {
+        "capsula_version": __version__,
+        "kind": kind,
+        "status": "running",
+        "started": started.isoformat(),
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "boot_id": read_boot_id(),
+    }
+
+
+def capture(
+    config: Config | None = None,
+    *,
+    kind: str = "capture",
+    environ: Mapping[str, str] | None = None,
+    runner: Runner = run_process,
+) -> Capsule:
+    """Create a capsule and write context.json into it.
+
+    Pre-capture commands run first, in the root; the first failure stops the capture with
+    a CaptureError, and the capsule keeps what was recorded, marked as failed.
+    """
+    config = config or load_config()
+    environ = os.environ if environ is None else environ
+    started = now()
+    path = create_capsule_dir(config.vault, config.capsule_template, started)
+    capsule = Capsule(path=path, config=config, context={}, manifest=_base_manifest(kind, started), warnings=[])
+    capsule.write_manifest()
+    commands: list[JSON] = []
+    extra: dict[str, JSON] = {"capsula_version": __version__, "timestamp": started.isoformat(), "pre_capture_commands": commands}
+    try:
+        child_env = {**environ, "CAPSULE_DIR": str(path)}
+        for command in config.pre_capture_commands:
+            record = run_pre_capture_command(command, cwd=config.root, env=child_env)
+            commands.append(record)
+            if record["exit_code"] != 0:
+                stderr = " ".join(str(record["stderr"]).split())[-300:] or "(no stderr)"
+                raise CaptureError(
+                    f"pre-capture command {command!r} failed with exit code {record['exit_code']}: {stderr}; "
+                    f"fix it and run again (what was captured is in {path})"
+                )
+        context = collect_context(capsule, environ, runner=runner)
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
+        capsule.context.update(extra, status=status, error=str(exc) or type(exc).__name__, config=config.as_dict())
+        write_json(path / CONTEXT, capsule.context)
+        capsule.write_manifest(status=status, finished=now().isoformat(), error=str(exc) or type(exc).__name__)
+        raise
+    capsule.context = {**context, **extra, "config": config.as_dict(), "status": "completed"}
+    if capsule.warnings:
+        capsule.context["warnings"] = list(capsule.warnings)
+    write_json(path / CONTEXT, capsule.context)
+    git = {n: {"sha": g.get("sha"), "dirty": g.get("dirty")} for n, g in context["git"].items() if isinstance(g, dict)}
+    capsule.write_manifest(git=git, **({"status": "completed", "finished": now().isoformat()} if kind == "capture" else {}))
+    return capsule
+
+
+# =============================================================================
+# Monitor
+# =============================================================================
+
+DRAIN_IDLE = 1.0  # s: after the command exits, stop reading pipes that stay silent this long
+DRAIN_MAX = 10.0  # s: ... or that a background child keeps busy this long
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class SignalRouter:
+    """SIGINT, SIGTERM and SIGHUP while Capsula works: forwarded to the running command's
+    process group, or (before and after it runs) raised as Interrupted so that the capsule
+    is closed with the status "interrupted". Once `hold` is set, signals are only noted."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.child_pgid: int | None = None
+        self.hold = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        first = self.received is None
+        if first:
+            self.received = signum
+        if self.child_pgid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.child_pgid, signum)
+        elif first and not self.hold:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[SignalRouter]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.signal(s, self._handle) for s in INTERRUPT_SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _Tee:
+    """One output stream of the command: shown live on Capsula's own fd and saved whole to
+    a file in the capsule. Holds no output in memory."""
+
+    def __init__(self, src: int, out_fd: int, path: Path) -> None:
+        self.src, self.out_fd, self.path = src, out_fd, path
+        self.file_fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self.size = 0
+        self.error: str | None = None
+        self.show = True
+
+    def feed(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.show:
+            try:
+                _write_all(self.out_fd, data)
+            except OSError:  # our own stdout went away (a closed pipe): keep saving
+                self.show = False
+        if self.file_fd is not None:
+            try:
+                _write_all(self.file_fd, data)
+            except OSError as exc:
+                self.error = f"{self.path.name} is incomplete after {self.size - len(data)} bytes: {user_error_text(exc)}"
+                self.close()
+
+    def close(self) -> None:
+        if self.file_fd is not None:
+            os.close(self.file_fd)
+            self.file_fd = None
+
+    def text(self) -> tuple[str, bool]:
+        """The saved output as text (its last TEXT_LIMIT bytes) and whether it was cut."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(max(0, self.size - TEXT_LIMIT))
+                data = f.read(TEXT_LIMIT)
+        except OSError:
+            data = b""
+        return data.decode(errors="replace"), self.size > TEXT_LIMIT
+
+
+@contextlib.contextmanager
+def _terminal_given_to(pgid: int) -> Iterator[None]:
+    """Make the command's process group the terminal's foreground group, as a shell does,
+    so that Ctrl-C reaches it once and it can read the terminal; take it back after."""
+    try:
+        fd = sys.stdin.fileno()
+        ours = os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        yield
+        return
+    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        os.tcsetpgrp(fd, pgid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGCONT)  # in case it touched the terminal before it was its own
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.tcsetpgrp(fd, os.getpgrp())
+        signal.signal(signal.SIGTTOU, old)
+
+
+def _enlarge_pipe(fd: int) -> None:
+    with contextlib.suppress(ImportError, OSError):
+        import fcntl
+
+        fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ: fewer wake-ups for chatty commands
+
+
+def _pump(proc: subprocess.Popen[bytes], tees: Sequence[_Tee]) -> tuple[int, Any]:
+    """Copy the command's output as it comes until it exits and its pipes close (or stay
+    silent DRAIN_IDLE seconds after it exits); return its wait status and rusage."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    for tee in tees:
+        sel.register(tee.src, selectors.EVENT_READ, tee)
+    try:
+        pidfd: int | None = os.pidfd_open(proc.pid)
+        sel.register(pidfd, selectors.EVENT_READ, None)
+    except (AttributeError, OSError):
+        pidfd = None
+    status: int | None = None
+    rusage: Any = None
+    exited_at = 0.0
+    try:
+        while True:
+            streams = [k for k in sel.get_map().values() if k.data is not None]
+            if status is not None and (not streams or time.monotonic() - exited_at > DRAIN_MAX):
+                break
+            if status is None and not streams and pidfd is None:
+                _, status, rusage = os.wait4(proc.pid, 0)
+                continue
+            timeout = DRAIN_IDLE if status is not None else (None if pidfd is not None else 0.05)
+            events = sel.select(timeout)
+            if status is not None and not events:
+                break
+            for key, _ in events:
+                if key.data is None:
+                    sel.unregister(key.fd)
+                    _, status, rusage = os.wait4(proc.pid, 0)
+                    exited_at = time.monotonic()
+                    continue
+                data = os.read(key.fd, 1 << 20)
+                if data:
+                    key.data.feed(data)
+                else:
+                    sel.unregister(key.fd)
+            if status is None and pidfd is None:
+                pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    status, rusage, exited_at = st, ru, time.monotonic()
+    finally:
+        sel.close()
+        if pidfd is not None:
+            os.close(pidfd)
+    assert status is not None
+    return status, rusage
+
+
+def run_command(
+    args: Sequence[str], *, cwd: Path, env: Mapping[str, str], capsule: Path, router: SignalRouter
+) -> dict[str, JSON]:
+    """Run a command, teeing its output live into the capsule; record how it ended."""
+    tees: list[_Tee] = []
+    record: dict[str, JSON] = {"signal": None, "error": None, "resource_usage": None}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.Popen(
+            list(args), cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0
+        )
+    except OSError as exc:
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        what = "command not found" if code == 127 else f"cannot run the command ({user_error_text(exc)})"
+        for name in (STDOUT, STDERR):
+            write_bytes_atomic(capsule / name, b"")
+        record.update(exit_code=code, error=f"{what}: {args[0]}", run_time=time.perf_counter() - start)
+        return record
+    router.child_pgid = proc.pid
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        tees = [_Tee(proc.stdout.fileno(), 1, capsule / STDOUT), _Tee(proc.stderr.fileno(), 2, capsule / STDERR)]
+        for tee in tees:
+            _enlarge_pipe(tee.src)
+        with _terminal_given_to(proc.pid):
+            status, rusage = _pump(proc, tees)
+    finally:
+        if proc.returncode is None and not tees:  # could not even open the capsule files
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        router.child_pgid = None
+        proc.stdout.close()
+        proc.stderr.close()
+        for tee in tees:
+            tee.close()
+    run_time = time.perf_counter() - start
+    proc.returncode = code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        record["signal"] = signal.Signals(-code).name
+        code = 128 - code
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in KiB on Linux, bytes on macOS
+    record["resource_usage"] = {
+        "user_time": round(rusage.ru_utime, 6),
+        "system_time": round(rusage.ru_stime, 6),
+        "max_rss_bytes": rusage.ru_maxrss * scale,
+    }
+    record.update(exit_code=code, run_time=run_time)
+    for tee, key in zip(tees, ("stdout", "stderr")):
+        record[key], record[f"{key}_truncated"] = tee.text()
+        record[f"{key}_bytes"] = tee.size
+        if tee.error:
+            record["error"] = tee.error
+    return record
+
+
+def run_status(exit_code: int, *, signum: int | None, interrupted_by: int | None) -> str:
+    """completed / failed / interrupted: what a reader of the capsule wants to know first."""
+    if interrupted_by is not None or signum in INTERRUPT_SIGNALS:
+        return "interrupted"
+    return "completed" if exit_code == 0 else "failed"
+
+
+def _pre_run_base(capsule: Capsule, started: datetime.datetime, kind: str) -> dict[str, JSON]:
+    return {
+        "root_directory": str(capsule.config.root),
+        "cwd": os.getcwd(),
+        "timestamp": started.isoformat(),
+        "kind": kind,
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "boot_id": read_boot_id(),
+        "capsula_version": __version__,
+    }
+
+
+def _post_run_base(capsule: Capsule, run_time: float, files: dict[str, JSON]) -> dict[str, JSON]:
+    return {
+        "root_directory": str(capsule.config.root),
+        "timestamp": now().isoformat(),
+        "run_time": iso_duration(run_time),
+        "files": files,
+    }
+
+
+def _capture_items(capsule: Capsule, items: Sequence[str]) -> dict[str, JSON]:
+    specs = [spec for name in items for spec in capsule.config.items[name]]
+    return capture_files(
+        specs, root=capsule.config.root, capsule=capsule.path, reserved=capsule.reserved, warnings=capsule.warnings
+    )
+
+
+def check_items(config: Config, items: Sequence[str]) -> None:
+    unknown = [i for i in items if i not in config.items]
+    if unknown:
+        where = config.source or "the configuration (none was found)"
+        known = ", ".join(config.items) or "none"
+        close = difflib.get_close_matches(unknown[0], list(config.items), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known items: {known}"
+        raise ConfigError(f"unknown item '{unknown[0]}': no [monitor.item.{unknown[0]}] in {where}; {hint}")
+
+
+def monitor_command(
+    args: Sequence[str], *, config: Config, items: Sequence[str] = (), rerun_of: str | None = None,
+    cwd: Path | None = None, environ: Mapping[str, str] | None = None, quiet: bool = False,
+) -> tuple[int, Capsule | None]:  # fmt: skip
+    """Capture the context, run the command and record the run; returns (exit code, capsule)."""
+    check_items(config, items)
+    environ = dict(os.environ if environ is None else environ)
+    router = SignalRouter()
+    with router.installed(), contextlib.chdir(cwd or os.getcwd()):
+        try:
+            capsule = capture(config, kind="command", environ=environ)
+        except Interrupted as exc:
+            return 128 + exc.signum, None
+        shown = redact_args(args, config.secret_patterns, config.secret_allow) if config.redact_arguments else list(args)
+        started = now()
+        pre = {**_pre_run_base(capsule, started, "command"), "args": shown, "items": {
+            name: {f.path: f.as_dict() for f in config.items[name]} for name in items}}  # fmt: skip
+        if shown != list(args):
+            pre["args_redacted"] = True
+        if rerun_of:
+            pre["rerun_of"] = rerun_of
+        write_json(capsule.path / PRE_RUN, pre)
+        capsule.write_manifest(command=shown, items=list(items), rerun_of=rerun_of)
+        run = run_command(args, cwd=Path.cwd(), env={**environ, "CAPSULE_DIR": str(capsule.path)},
+                          capsule=capsule.path, router=router)  # fmt: skip
+        files: dict[str, JSON] = {}
+        try:
+            files = _capture_items(capsule, items)
+        except Interrupted:
+            pass  # the file being moved is still at its source, or complete in the capsule
+        router.hold = True
+        code = int(run["exit_code"])
+        signum = signal.Signals[run["signal"]].value if run["signal"] else None
+        status = run_status(code, signum=signum, interrupted_by=router.received)
+        if router.received is not None:
+            code = 128 + router.received
+        return code, _finish_command(capsule, run, files, status=status)
+
+
+def _finish_command(capsule: Capsule, run: dict[str, JSON], files: dict[str, JSON], *, status: str) -> Capsule:
+    run_time = float(run.pop("run_time"))
+    post = _post_run_base(capsule, run_time, files)
+    post.update(stdout=run.pop("stdout", ""), stderr=run.pop("stderr", ""), exit_code=run.pop("exit_code"))
+    post.update(status=status, run_time_seconds=round(run_time, 6), **run)
+    if capsule.warnings:
+        post["warnings"] = capsule.warnings
+    write_json(capsule.path / POST_RUN, post)
+    capsule.write_manifest(
+        status=status, finished=post["timestamp"], exit_code=post["exit_code"], run_time=post["run_time_seconds"]
+    )
+    return capsule
+
+
+# =============================================================================
+# Decorator
+# =============================================================================
+
+_CURRENT_CAPSULE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("capsula_capsule", default=None)
+
+
+def get_capsule_dir() -> Path:
+    """The capsule of the run this code is part of: the innermost @capsula.monitor call,
+    or the command run by `capsula monitor` (CAPSULE_DIR)."""
+    current = _CURRENT_CAPSULE.get()
+    if current is not None:
+        return current
+    if os.environ.get("CAPSULE_DIR"):
+        return Path(os.environ["CAPSULE_DIR"])
+    raise CapsulaError(
+        "get_capsule_dir() was called outside a monitored run; call it inside a function decorated "
+        "with @capsula.monitor or a command run by 'capsula monitor'"
+    )
+
+
+def _exception_info(exc: BaseException) -> dict[str, JSON]:
+    import traceback
+
+    return {
+        "error_type": type(exc).__name__,
+        "error_message": _safe_str(exc),
+        "error_details": "".join(traceback.format_exception(exc)),
+    }
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:  # noqa: BLE001
+        return safe_repr(exc)
+
+
+def monitor(
+    func: F | None = None,
+    /,
+    directory: str | os.PathLike[str] | None = None,
+    *,
+    items: Sequence[str] = (),
+    include_return_value: bool = False,
+) -> Any:
+    """Monitor each call of a function: every call makes its own capsule with context.json,
+    pre-run-info.json and post-run-info.json. Use as ``@monitor`` or ``@monitor(...)``.
+
+    ``directory`` is the project root; by default the config is searched for upward from
+    the function's source file. Config errors raise here, when decorating.
+    """
+
+    def decorate(fn: F) -> F:
+        import inspect
+
+        source = inspect.getsourcefile(fn) or inspect.getfile(fn)
+        line = fn.__code__.co_firstlineno if hasattr(fn, "__code__") else None
+        if directory is not None:
+            config = load_config(directory)
+        else:
+            config = load_config(cwd=Path(source).absolute().parent)
+        check_items(config, items)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            capsule = capture(config, kind="function")
+            started = now()
+            pre = {**_pre_run_base(capsule, started, "function"), "source_file": str(Path(source).absolute()),
+                   "source_line": line, "function_name": fn.__name__, "args": jsonable(args), "kwargs": jsonable(kwargs),
+                   "items": list(items)}  # fmt: skip
+            write_json(capsule.path / PRE_RUN, pre)
+            capsule.write_manifest(function=f"{fn.__module__}.{fn.__qualname__}")
+            token = _CURRENT_CAPSULE.set(capsule.path)
+            start = time.perf_counter()
+            outcome: BaseException | None = None
+            result: Any = None
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                outcome = exc
+            finally:
+                run_time = time.perf_counter() - start
+                _CURRENT_CAPSULE.reset(token)
+            _finish_function(capsule, run_time, items, outcome, result if include_return_value else None)
+            if outcome is not None:
+                raise outcome.with_traceback(outcome.__traceback__)
+            return result
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate(func) if func is not None else decorate
+
+
+def _finish_function(
+    capsule: Capsule, run_time: float, items: Sequence[str], outcome: BaseException | None, value: Any
+) -> None:
+    files = _capture_items(capsule, items)
+    post = _post_run_base(capsule, run_time, files)
+    post["return_value"] = jsonable(value)
+    post["exception_info"] = _exception_info(outcome) if outcome is not None else None
+    if isinstance(outcome, KeyboardInterrupt):
+        status = "interrupted"
+    elif outcome is None or (isinstance(outcome, SystemExit) and outcome.code in (0, None)):
+        status = "completed"
+    else:
+        status = "failed"
+    post["status"] = status
+    post["run_time_seconds"] = round(run_time, 6)
+    if capsule.warnings:
+        post["warnings"] = capsule.warnings
+    write_json(capsule.path / POST_RUN, post)
+    capsule.write_manifest(status=status, finished=post["timestamp"], run_time=post["run_time_seconds"])
+
+
+# =============================================================================
+# CLI
+# =============================================================================
+
+
+def _cmd_capture(args: Any) -> int:
+    config = load_config(args.directory)
+    router = SignalRouter()
+    with router.installed():
+        try:
+            capsule = capture(config)
+        except Interrupted as exc:
+            return 128 + exc.signum
+    print(capsule.path)
+    return 0
+
+
+def _cmd_monitor(args: Any) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ConfigError("no command to monitor; usage: capsula monitor [-i ITEM]... [--] COMMAND [ARGS...]")
+    config = load_config(args.directory)
+    code, capsule = monitor_command(command, config=config, items=args.item)
+    if capsule is not None:
+        error = json.loads((capsule.path / POST_RUN).read_bytes()).get("error") if code in (126, 127) else None
+        if error:
+            print(f"capsula: error: {error}; check the spelling and PATH (recorded in {capsule.path})", file=sys.stderr)
+        elif not args.quiet:
+            print(f"capsula: capsule {capsule.path}", file=sys.stderr)
+    return code
+
+
+def _build_parser() -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="capsula", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"capsula {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-C", "--directory", metavar="DIR", help="the folder holding capsula.toml (default: search upward)")
+    sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
+    p = sub.add_parser("capture", parents=[common], help="capture the context into a new capsule")
+    p.set_defaults(handler=_cmd_capture)
+    p = sub.add_parser("monitor", parents=[common], help="run a command and record it in a new capsule")
+    p.add_argument("-i", "--item", action="append", default=[], metavar="NAME", help="a [monitor.item.NAME] to record")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not print the capsule's path on stderr")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command and its arguments")
+    p.set_defaults(handler=_cmd_monitor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = _build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except CapsulaError as exc:
+        print(f"capsula: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
