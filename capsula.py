@@ -613,8 +613,9 @@ EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 
 
 def collect_git(
-    name: str, rel: str, *, root: Path, diff_path: Path | None, vault: Path | None = None, runner: Runner = run_process
-) -> dict[str, JSON]:
+    name: str, rel: str, *, root: Path, diff_path: Path | None, vault: Path | None = None,
+    moved: Sequence[str] = (), runner: Runner = run_process,
+) -> dict[str, JSON]:  # fmt: skip
     """The state of one repository, and (into diff_path) every uncommitted change as a patch.
 
     The patch holds staged and unstaged changes, binary files, and untracked files that are
@@ -643,7 +644,8 @@ def collect_git(
     entry["root_in_repo"] = os.path.relpath(root, top)
     if vault is not None:
         inside = os.path.relpath(vault, top) + "/"
-        status["untracked"] = [u for u in status["untracked"] if not (u + "/").startswith(inside)]
+        gone = {os.path.relpath(os.path.normpath(root / m), top) for m in moved}
+        status["untracked"] = [u for u in status["untracked"] if not (u + "/").startswith(inside) and u not in gone]
     untracked = [u for u in status["untracked"] if _untracked_size(top / u) <= UNTRACKED_LIMIT]
     entry["untracked"] = status["untracked"]
     entry["untracked_not_in_diff"] = sorted(set(status["untracked"]) - set(untracked))
@@ -1075,14 +1077,17 @@ def _in_thread(fn: Callable[[], JSON]) -> Callable[[], JSON]:
     return lambda: (thread.join(), box.get("value"))[1]
 
 
-def collect_context(capsule: Capsule, environ: Mapping[str, str], *, runner: Runner, diffs: bool = True) -> dict[str, JSON]:
-    """Everything context.json holds, with independent collectors running concurrently."""
+def collect_context(
+    capsule: Capsule, environ: Mapping[str, str], *, runner: Runner, in_place: bool = False
+) -> dict[str, JSON]:
+    """Everything context.json holds, with independent collectors running concurrently.
+    With in_place (verify), listed files are only hashed, never copied or moved."""
     config = capsule.config
     repos = config.git_repositories if config.git_repositories is not None else default_repositories(config.root)
     cache = HostCache(config.vault, _cpuinfo_version() if config.include_cpu else None)
     pending = {
         name: _in_thread(functools.partial(collect_git, name, rel, root=config.root, runner=runner, vault=config.vault,
-                                           diff_path=capsule.path / f"{name}.diff" if diffs else None))  # fmt: skip
+                                           moved=[f.path for f in config.files if f.move], diff_path=capsule.path / f"{name}.diff"))  # fmt: skip
         for name, rel in repos
     }
     cpu = _in_thread(functools.partial(collect_cpu, cache)) if config.include_cpu else None
@@ -1098,7 +1103,7 @@ def collect_context(capsule: Capsule, environ: Mapping[str, str], *, runner: Run
         "git": {name: join() for name, join in pending.items()},
     }
     capsule.context.update(context)
-    if diffs:
+    if not in_place:
         context["files"] = capture_files(
             config.files, root=config.root, capsule=capsule.path, reserved=capsule.reserved, warnings=capsule.warnings
         )
@@ -1617,6 +1622,387 @@ def _finish_function(
 
 
 # =============================================================================
+# Reproduce
+# =============================================================================
+
+DEFAULT_IGNORES = (
+    "*timestamp",
+    "pre.pid",
+    "pre.boot_id",
+    "pre.rerun_of",
+    "post.run_time_seconds",
+    "post.resource_usage",
+    "post.stdout",  # compared as stdout.txt, with a unified diff
+    "post.stderr",
+    "context.cpu.hz_actual*",
+    "context.pre_capture_commands.*.duration",
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Record:
+    """A capsule read back: each file as far as it exists (a 0.0.19 capsule has no manifest)."""
+
+    path: Path
+    manifest: dict[str, JSON]
+    context: dict[str, JSON]
+    pre: dict[str, JSON]
+    post: dict[str, JSON]
+
+    @classmethod
+    def read(cls, path: Path) -> Record:
+        def part(name: str) -> dict[str, JSON]:
+            data = read_json(path / name)
+            return data if isinstance(data, dict) else {}
+
+        return cls(path=path, manifest=part(MANIFEST), context=part(CONTEXT), pre=part(PRE_RUN), post=part(POST_RUN))
+
+    @property
+    def kind(self) -> str:
+        kind = self.manifest.get("kind") or self.pre.get("kind")
+        if kind:
+            return str(kind)
+        return "function" if "function_name" in self.pre else ("command" if "args" in self.pre else "capture")
+
+    def output(self, name: str) -> bytes:
+        try:
+            return (self.path / name).read_bytes()
+        except OSError:  # 0.0.19 kept the text only in post-run-info.json
+            return str(self.post.get(name.split(".")[0], "")).encode()
+
+
+def summarize(path: Path, *, host: str, boot_id: str | None) -> dict[str, JSON]:
+    """One row of `capsula list`, read from capsule.json alone when it is there."""
+    m = read_json(path / MANIFEST)
+    if not isinstance(m, dict):  # a 0.0.19 or incomplete capsule: read the rest
+        r = Record.read(path)
+        ended = r.post.get("exit_code", 0 if r.post.get("exception_info", 1) is None else 1)
+        status = ("completed" if ended == 0 else "failed") if r.post else ("completed" if r.kind == "capture" else "unknown")
+        git = {n: {"sha": g.get("sha"), "dirty": None} for n, g in (r.context.get("git") or {}).items() if isinstance(g, dict)}
+        what = r.pre.get("args") or r.pre.get("function_name")
+        m = {"kind": r.kind, "status": status, "started": r.pre.get("timestamp"), "exit_code": r.post.get("exit_code"),
+             "run_time": _seconds(r.post.get("run_time")), "git": git, "command": what}  # fmt: skip
+        if not r.context and not r.pre:
+            m["status"] = "unreadable"
+    status = m.get("status")
+    if status == "running" and m.get("host") == host and (m.get("boot_id") != boot_id or not _pid_alive(m.get("pid"))):
+        status = "died"
+    what = m.get("command") or m.get("function") or ""
+    return {
+        "name": path.name,
+        "started": m.get("started"),
+        "kind": m.get("kind"),
+        "status": status,
+        "exit_code": m.get("exit_code"),
+        "run_time": m.get("run_time"),
+        "git": {n: g for n, g in (m.get("git") or {}).items()},
+        "command": " ".join(what) if isinstance(what, list) else what,
+        "rerun_of": m.get("rerun_of"),
+    }
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _seconds(duration: object) -> float | None:
+    match = re.fullmatch(r"P(?:(\d+)D)?T?(?:(\d+)H)?(?:(\d+)M)?(?:([\d.]+)S)?", str(duration or ""))
+    if not match or not duration:
+        return None
+    d, h, m, s = (float(g or 0) for g in match.groups())
+    return d * 86400 + h * 3600 + m * 60 + s
+
+
+def list_capsules(vault: Path) -> list[dict[str, JSON]]:
+    """Every capsule in the vault, newest first."""
+    host, boot = platform.node(), read_boot_id()
+    rows = [summarize(vault / name, host=host, boot_id=boot) for name in list_capsule_names(vault)]
+    rows.sort(key=lambda r: (str(r["started"] or ""), str(r["name"])), reverse=True)
+    return rows
+
+
+def _short_git(git: Mapping[str, JSON]) -> str:
+    parts = []
+    for g in git.values():
+        if isinstance(g, dict) and g.get("sha"):
+            parts.append(str(g["sha"])[:8] + ("*" if g.get("dirty") else ""))
+    return ",".join(parts) or "-"
+
+
+def format_table(rows: Sequence[dict[str, JSON]]) -> str:
+    header = ("NAME", "STARTED", "KIND", "STATUS", "EXIT", "TIME", "GIT", "COMMAND")
+    lines = [header] + [
+        (str(r["name"]), str(r["started"] or "-")[:19].replace("T", " "), str(r["kind"] or "-"), str(r["status"] or "-"),
+         "-" if r["exit_code"] is None else str(r["exit_code"]),
+         "-" if r["run_time"] is None else f"{float(str(r['run_time'])):.2f}s",
+         _short_git(r["git"] or {}), str(r["command"] or ""))  # fmt: skip
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines)
+
+
+def flatten(data: JSON, prefix: str) -> dict[str, JSON]:
+    """Nested dicts as dotted paths; other values (lists included) are leaves."""
+    if isinstance(data, dict) and data:
+        out: dict[str, JSON] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}.{key}"))
+        return out
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        return {k: v for i, item in enumerate(data) for k, v in flatten(item, f"{prefix}.{i}").items()}
+    return {prefix: data}
+
+
+def _ignored(path: str, patterns: Sequence[str]) -> bool:
+    short = path.split(".", 1)[1] if "." in path else path
+    return any(
+        p in (path, short) or path.startswith(p + ".") or short.startswith(p + ".") or fnmatch.fnmatchcase(path, p)
+        or fnmatch.fnmatchcase(short, p)
+        for p in patterns
+    )  # fmt: skip
+
+
+def compare_fields(a: Mapping[str, JSON], b: Mapping[str, JSON], ignore: Sequence[str]) -> list[str]:
+    """'path: A -> B' for every differing leaf not ignored."""
+    lines = []
+    for key in sorted(set(a) | set(b), key=lambda k: (k.split(".")[0] != "context", k)):
+        if _ignored(key, ignore):
+            continue
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if va != vb:
+            lines.append(f"{key}: {json.dumps(va, ensure_ascii=False)} -> {json.dumps(vb, ensure_ascii=False)}")
+    return lines
+
+
+def text_diff(a: bytes, b: bytes, label: str, *, limit: int = 200) -> list[str]:
+    if a == b:
+        return []
+    lines = list(difflib.unified_diff(a.decode(errors="replace").splitlines(), b.decode(errors="replace").splitlines(),
+                                      f"A/{label}", f"B/{label}", lineterm=""))  # fmt: skip
+    if not lines:  # differ in bytes only (line endings, invalid UTF-8)
+        return [f"{label}: the bytes differ ({len(a)} vs {len(b)} bytes)"]
+    cut = [f"... {len(lines) - limit} more lines"] if len(lines) > limit else []
+    return lines[:limit] + cut
+
+
+def _diff_files(record: Record) -> dict[str, bytes]:
+    out = {}
+    for name, g in (record.context.get("git") or {}).items():
+        with contextlib.suppress(OSError):
+            out[f"{name}.diff"] = (record.path / (g.get("diff_file") if isinstance(g, dict) else None or f"{name}.diff")).read_bytes()
+    return out
+
+
+def diff_capsules(a: Record, b: Record, *, ignore: Sequence[str] = ()) -> list[str]:
+    """Every difference between two capsules that is not ignored; empty when they match."""
+    ignore = (*DEFAULT_IGNORES, *ignore, "context.config", "context.git.*.diff_file")
+    fa = {**flatten(a.context, "context"), **flatten(a.pre, "pre"), **flatten(a.post, "post")}
+    fb = {**flatten(b.context, "context"), **flatten(b.pre, "pre"), **flatten(b.post, "post")}
+    lines = compare_fields(fa, fb, ignore)
+    da, db = _diff_files(a), _diff_files(b)
+    for name in sorted(set(da) | set(db)):
+        if not _ignored(f"git.{name}", ignore):
+            lines += text_diff(da.get(name, b""), db.get(name, b""), name)
+    if a.kind == "command" or b.kind == "command":
+        for name in (STDOUT, STDERR):
+            if not _ignored(f"post.{name.split('.')[0]}_text", ignore):
+                lines += text_diff(a.output(name), b.output(name), name)
+    return lines
+
+
+def _config_from_record(record: Record, root: Path) -> Config:
+    """The capsule's own capture settings (0.0.19 capsules: what its context.json names)."""
+    recorded = record.context.get("config") if isinstance(record.context.get("config"), dict) else {}
+    ctx_files = record.context.get("files") or {}
+    specs = tuple(
+        FileSpec(path=p, hash=(e or {}).get("hash_algorithm"))
+        for p, e in ctx_files.items()
+        if not (isinstance(e, dict) and e.get("moved"))
+    )
+    repos = tuple((n, str(g.get("path", "."))) for n, g in (record.context.get("git") or {}).items() if isinstance(g, dict))
+    return Config(
+        root=root,
+        vault_directory=str(record.path.parent),
+        environment_variables=tuple(recorded.get("environment_variables") or record.context.get("environment_variables") or ()),
+        files=specs,
+        git_repositories=repos,
+        include_packages="packages" in record.context,
+        secret_patterns=tuple(recorded.get("secret_patterns", DEFAULT_SECRET_PATTERNS)),
+        secret_allow=tuple(recorded.get("secret_allow", ())),
+    )
+
+
+VERIFY_FIELDS = (
+    "context.platform.system", "context.platform.machine", "context.platform.release", "context.platform.node",
+    "context.platform.python.implementation", "context.platform.python.version", "context.platform.python.executable",
+    "context.environment_variables.", "context.git.", "context.files.", "context.packages.",
+)  # fmt: skip
+
+
+def verify_capsule(record: Record, *, runner: Runner = run_process) -> tuple[list[str], list[str]]:
+    """Differences between the capsule and the current environment that could change a
+    result, and notes on what could not be compared."""
+    import tempfile
+
+    root = Path(str(record.context.get("root_directory") or os.getcwd()))
+    config = _config_from_record(record, root)
+    with tempfile.TemporaryDirectory(prefix="capsula-verify-") as tmp:
+        now_ctx = Capsule(path=Path(tmp), config=config, context={}, manifest={}, warnings=[])
+        current = collect_context(now_ctx, os.environ, runner=runner, in_place=True)
+        now_diffs = {n: (Path(tmp) / f"{n}.diff").read_bytes() for n in current["git"] if (Path(tmp) / f"{n}.diff").exists()}
+    keep = ("sha", "branch", "dirty", "untracked", "file_hash", "version", "source")
+    fa, fb = flatten(record.context, "context"), flatten(current, "context")
+    wanted = [k for k in set(fa) | set(fb) if k.startswith(VERIFY_FIELDS) or k in VERIFY_FIELDS]
+    wanted = [k for k in wanted if not k.startswith(("context.git.", "context.files.", "context.packages.")) or k.rsplit(".", 1)[1] in keep]
+    moved = [f"context.files.{p}." for p, e in (record.context.get("files") or {}).items() if isinstance(e, dict) and e.get("moved")]
+    wanted = [k for k in wanted if not k.startswith(tuple(moved))]
+    lines = compare_fields({k: fa.get(k, "<absent>") for k in wanted}, {k: fb.get(k, "<absent>") for k in wanted}, ())
+    for name, patch in _diff_files(record).items():
+        if patch != now_diffs.get(name[: -len(".diff")], b""):
+            lines.append(f"git.{name[:-5]}: the uncommitted changes differ from the capsule's {name}")
+    notes = [f"{path}: moved into the capsule when captured; not compared"
+             for path, e in (record.context.get("files") or {}).items() if isinstance(e, dict) and e.get("moved")]  # fmt: skip
+    return [line.replace(" -> ", " (capsule) -> ") + " (now)" if " -> " in line else line for line in lines], notes
+
+
+def _code_repo(record: Record) -> tuple[str, dict[str, JSON]]:
+    """The recorded repository that holds the root: the code state a rerun rebuilds."""
+    for name, g in (record.context.get("git") or {}).items():
+        if isinstance(g, dict) and g.get("sha") and not str(g.get("root_in_repo", ".")).startswith(".."):
+            return name, g
+    raise CapsulaError(
+        f"{record.path.name} records no git commit for its root, so its code cannot be rebuilt; "
+        "use 'capsula rerun --here' to rerun it in the current working tree"
+    )
+
+
+def _rerun_args(record: Record) -> list[str]:
+    if record.kind != "command" or not isinstance(record.pre.get("args"), list):
+        raise CapsulaError(f"{record.path.name} is a {record.kind} capsule; only a command capsule can be rerun")
+    if record.pre.get("args_redacted") or REDACTED in record.pre["args"]:
+        raise CapsulaError(
+            f"{record.path.name} recorded its arguments redacted ({' '.join(record.pre['args'])}); "
+            "rerun it by hand with the real values"
+        )
+    return [str(a) for a in record.pre["args"]]
+
+
+@contextlib.contextmanager
+def rebuilt_worktree(record: Record, *, runner: Runner = run_process) -> Iterator[Path]:
+    """A temporary git worktree (in the vault) at the recorded sha with the capsule's diff
+    applied, untracked files included; removed afterwards, also on Ctrl-C. The user's own
+    working tree, index and branches are not touched."""
+    import tempfile
+
+    name, repo = _code_repo(record)
+    root = Path(str(record.context.get("root_directory")))
+    source = root / str(repo.get("path", "."))
+    if not source.is_dir():
+        raise CapsulaError(f"the recorded repository {source} is gone; rerun from a clone with 'capsula rerun --here'")
+    tmp = Path(tempfile.mkdtemp(prefix=".rerun-", dir=record.path.parent))
+    tree = tmp / "tree"
+    try:
+        _git(runner, source, "worktree", "add", "--detach", "--quiet", str(tree), str(repo["sha"]))
+        patch = _diff_files(record).get(f"{name}.diff", b"")
+        if patch.strip():
+            _git(runner, tree, "apply", "--binary", "--whitespace=nowarn", str(record.path / f"{name}.diff"))
+        yield tree / str(repo.get("root_in_repo", "."))
+    finally:
+        with contextlib.suppress(CapsulaError, OSError):
+            _git(runner, source, "worktree", "remove", "--force", str(tree))
+        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(CapsulaError, OSError):
+            _git(runner, source, "worktree", "prune")
+
+
+def _restore_inputs(record: Record, root: Path) -> None:
+    """Put the copied input files back, as they were when the capsule was made."""
+    for path, entry in (record.context.get("files") or {}).items():
+        if isinstance(entry, dict) and entry.get("copied") and entry.get("stored_as"):
+            dest = root / path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(record.path / str(entry["stored_as"]), dest)
+
+
+def _recorded_environ(record: Record) -> dict[str, str]:
+    env = dict(os.environ)
+    for key, value in (record.context.get("environment_variables") or {}).items():
+        if value is None:
+            env.pop(key, None)
+        elif value != REDACTED:  # a redacted value cannot be restored: the current one stays
+            env[key] = str(value)
+    return env
+
+
+def compare_runs(old: Record, new: Record) -> list[str]:
+    """What a rerun changed in the result: exit code, output files, stdout."""
+    lines = []
+    if old.post.get("exit_code") != new.post.get("exit_code"):
+        lines.append(f"exit code: {old.post.get('exit_code')} -> {new.post.get('exit_code')}")
+    fa, fb = old.post.get("files") or {}, new.post.get("files") or {}
+    for path in sorted(set(fa) | set(fb)):
+        ha, hb = ((e or {}).get("file_hash") if isinstance(e, dict) else None for e in (fa.get(path), fb.get(path)))
+        if ha != hb:
+            lines.append(f"output file {path}: {ha or 'missing'} -> {hb or 'missing'}")
+    lines += text_diff(old.output(STDOUT), new.output(STDOUT), STDOUT, limit=40)
+    return lines
+
+
+def rerun_capsule(record: Record, *, here: bool = False, quiet: bool = False) -> tuple[int, Record | None, list[str]]:
+    """Run a command capsule again as a new monitored run; (exit code, new capsule, differences)."""
+    args = _rerun_args(record)
+    old_root = Path(str(record.context.get("root_directory") or os.getcwd()))
+    rel_cwd = os.path.relpath(str(record.pre.get("cwd") or old_root), old_root)
+    items = {n: tuple(FileSpec(path=p, **spec) for p, spec in files.items()) for n, files in (record.pre.get("items") or {}).items()}
+    with contextlib.ExitStack() as stack:
+        root = old_root if here else stack.enter_context(rebuilt_worktree(record))
+        if not here:
+            _restore_inputs(record, root)
+        config = load_config(root) if (root / CONFIG_NAME).exists() or (root / "pyproject.toml").exists() else Config(root=root)
+        config = dataclasses.replace(config, vault_directory=str(record.path.parent), items={**config.items, **items})
+        cwd = root / rel_cwd if not rel_cwd.startswith("..") else Path(str(record.pre.get("cwd")))
+        code, capsule = monitor_command(args, config=config, items=list(items), rerun_of=record.path.name, cwd=cwd,
+                                        environ=_recorded_environ(record), quiet=quiet)  # fmt: skip
+    if capsule is None:
+        return code, None, ["the rerun was interrupted before the command ran"]
+    new = Record.read(capsule.path)
+    return code, new, compare_runs(record, new)
+
+
+def find_file(path: Path, vault: Path) -> list[tuple[str, str, str]]:
+    """(capsule, "input" or "output", recorded path) for every capsule that recorded a file
+    with this content."""
+    digests: dict[str, str | None] = {}
+
+    def digest(algorithm: str) -> str | None:
+        if algorithm not in digests:
+            try:
+                digests[algorithm] = hash_file(path, algorithm)
+            except (OSError, ValueError):
+                digests[algorithm] = None
+        return digests[algorithm]
+
+    found = []
+    for row in list_capsules(vault):
+        record = Record.read(vault / str(row["name"]))
+        for role, files in (("input", record.context.get("files")), ("output", record.post.get("files"))):
+            for recorded, e in (files or {}).items():
+                if isinstance(e, dict) and e.get("file_hash") and e.get("hash_algorithm"):
+                    if e["file_hash"] == digest(str(e["hash_algorithm"])):
+                        found.append((str(row["name"]), role, recorded))
+    return found
+
+
+# =============================================================================
 # CLI
 # =============================================================================
 
@@ -1650,6 +2036,97 @@ def _cmd_monitor(args: Any) -> int:
     return code
 
 
+def _vault_of(args: Any) -> Path:
+    if getattr(args, "vault", None):
+        return Path(args.vault).absolute()
+    return load_config(args.directory).vault
+
+
+def _record(args: Any, spec: str) -> Record:
+    return Record.read(resolve_capsule(spec, _vault_of(args)))
+
+
+def _cmd_list(args: Any) -> int:
+    rows = list_capsules(_vault_of(args))
+    print(json.dumps(rows, indent=2, ensure_ascii=False) if args.json else format_table(rows))
+    return 0
+
+
+def _cmd_show(args: Any) -> int:
+    r = _record(args, args.capsule)
+    if args.json:
+        print(json.dumps({"path": str(r.path), "capsule": r.manifest, "context": r.context, "pre_run": r.pre,
+                          "post_run": r.post}, indent=2, ensure_ascii=False))  # fmt: skip
+        return 0
+    row = summarize(r.path, host=platform.node(), boot_id=read_boot_id())
+    plat, py = r.context.get("platform") or {}, (r.context.get("platform") or {}).get("python") or {}
+    out = [f"capsule   {r.path}", f"kind      {row['kind']}   status {row['status']}   exit {row['exit_code']}",
+           f"started   {row['started']}   run time {r.post.get('run_time', '-')}",
+           f"root      {r.context.get('root_directory')}   cwd {r.pre.get('cwd') or r.context.get('cwd')}",
+           f"platform  {plat.get('platform')} on {plat.get('node')}",
+           f"python    {py.get('implementation')} {py.get('version')} ({py.get('executable', '?')})"]  # fmt: skip
+    if row["command"]:
+        out.append(f"run       {row['command']}" + (f"   rerun of {row['rerun_of']}" if row["rerun_of"] else ""))
+    for name, g in (r.context.get("git") or {}).items():
+        if isinstance(g, dict):
+            extra = f", {len(g.get('untracked') or [])} untracked" if g.get("untracked") else ""
+            out.append(f"git       {name}: {g.get('sha')} on {g.get('branch')}{' (dirty' + extra + ')' if g.get('dirty') else ''}")
+    for title, mapping in (("env", r.context.get("environment_variables")), ("input", r.context.get("files")),
+                           ("output", r.post.get("files"))):  # fmt: skip
+        for key, value in (mapping or {}).items():
+            shown = value.get("file_hash") if isinstance(value, dict) else value
+            out.append(f"{title:<9} {key} = {shown}")
+    if r.post.get("exception_info"):
+        out.append(f"exception {r.post['exception_info'].get('error_type')}: {r.post['exception_info'].get('error_message')}")
+    for name in (STDOUT, STDERR):
+        tail = r.output(name).decode(errors="replace").splitlines()[-5:] if r.kind == "command" else []
+        out += [f"{name:<9} {line}" for line in tail]
+    print("\n".join(out))
+    return 0
+
+
+def _cmd_diff(args: Any) -> int:
+    lines = diff_capsules(_record(args, args.a), _record(args, args.b), ignore=args.ignore)
+    print("\n".join(lines) if lines else "no differences")
+    return 1 if lines else 0
+
+
+def _cmd_verify(args: Any) -> int:
+    record = _record(args, args.capsule)
+    lines, notes = verify_capsule(record)
+    for note in notes:
+        print(f"capsula: note: {note}", file=sys.stderr)
+    print("\n".join(lines) if lines else f"the environment matches {record.path.name}")
+    return 1 if lines else 0
+
+
+def _cmd_rerun(args: Any) -> int:
+    record = _record(args, args.capsule)
+    if args.here:
+        lines, _ = verify_capsule(record)
+        print("\n".join(["the current environment differs from the capsule:", *lines]) if lines
+              else f"the environment matches {record.path.name}", file=sys.stderr)  # fmt: skip
+    code, new, diffs = rerun_capsule(record, here=args.here, quiet=True)
+    name = new.path.name if new else "-"
+    if not diffs:
+        print(f"reproduced identically: {name} matches {record.path.name} (exit code, output files, stdout)")
+        return 0
+    print("\n".join([f"not reproduced: {name} differs from {record.path.name}", *diffs]))
+    return code if code > 128 else 1
+
+
+def _cmd_find(args: Any) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        raise ConfigError(f"no such file: {path}; give the file whose origin you look for")
+    hits = find_file(path, _vault_of(args))
+    for name, role, recorded in hits:
+        print(f"{name}  {role}  {recorded}")
+    if not hits:
+        print(f"no capsule recorded a file with the content of {path}", file=sys.stderr)
+    return 0 if hits else 1
+
+
 def _build_parser() -> Any:
     import argparse
 
@@ -1665,6 +2142,31 @@ def _build_parser() -> Any:
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the capsule's path on stderr")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command and its arguments")
     p.set_defaults(handler=_cmd_monitor)
+    vault = argparse.ArgumentParser(add_help=False, parents=[common])
+    vault.add_argument("--vault", metavar="DIR", help="the vault to read (default: the config's)")
+    p = sub.add_parser("list", parents=[vault], help="list the capsules in the vault, newest first")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_cmd_list)
+    p = sub.add_parser("show", parents=[vault], help="summarize one capsule")
+    p.add_argument("capsule", help="a path, a name, a unique prefix, latest or latest~N")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_cmd_show)
+    p = sub.add_parser("diff", parents=[vault], help="compare two capsules (exit 1 when they differ)")
+    p.add_argument("a", help="the first capsule")
+    p.add_argument("b", help="the second capsule")
+    p.add_argument("--ignore", action="append", default=[], metavar="FIELD",
+                   help=f"a dotted field (or glob) to leave out; always left out: {', '.join(DEFAULT_IGNORES)}")  # fmt: skip
+    p.set_defaults(handler=_cmd_diff)
+    p = sub.add_parser("verify", parents=[vault], help="compare the current environment with a capsule")
+    p.add_argument("capsule")
+    p.set_defaults(handler=_cmd_verify)
+    p = sub.add_parser("rerun", parents=[vault], help="run a command capsule again and compare the result")
+    p.add_argument("capsule")
+    p.add_argument("--here", action="store_true", help="rerun in the current working tree (after a verify)")
+    p.set_defaults(handler=_cmd_rerun)
+    p = sub.add_parser("find", parents=[vault], help="which capsules recorded a file with this content")
+    p.add_argument("file")
+    p.set_defaults(handler=_cmd_find)
     return parser
 
 
