@@ -44,16 +44,16 @@ from typing import Any, TypeVar
 
 __all__ = [
     "CapsulaError",
-    "ConfigError",
     "CaptureError",
-    "VaultError",
     "Config",
+    "ConfigError",
     "FileSpec",
-    "load_config",
+    "VaultError",
     "capture",
-    "monitor",
     "get_capsule_dir",
+    "load_config",
     "main",
+    "monitor",
 ]
 __version__ = "0.1.0"
 
@@ -402,7 +402,9 @@ def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> 
             if not name or name.startswith(".") or "/" in name or os.sep in name:
                 raise ConfigError(f"{key}: the name must be a plain file name (it names {name}.diff)")
             if not (root / rel).is_dir() or _find_git_top((root / rel).resolve()) is None:
-                raise ConfigError(f"{key}: '{rel}' is not a git repository; give a path (relative to {root}) inside one")
+                raise ConfigError(
+                    f"{key}: '{rel}' is not a git repository; give a path (relative to {root}) inside one"
+                )
     items = {
         name: _file_specs(item.get("files", {}), where=f"monitor.item.{name}.files", source=where, root=root)
         for name, item in raw.get("monitor", {}).get("item", {}).items()
@@ -476,7 +478,14 @@ def load_config(directory: str | os.PathLike[str] | None = None, *, cwd: Path | 
         if given.is_file():
             source: Path | None = given
         elif given.is_dir():
-            source = next((p for p in (given / CONFIG_NAME, given / "pyproject.toml") if p.is_file() and _config_table(p) is not None), None)
+            source = next(
+                (
+                    p
+                    for p in (given / CONFIG_NAME, given / "pyproject.toml")
+                    if p.is_file() and _config_table(p) is not None
+                ),
+                None,
+            )
         else:
             raise ConfigError(f"no such directory: {given}; pass -C the folder that holds {CONFIG_NAME}")
         root = source.parent if source else given
@@ -613,9 +622,15 @@ EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 
 
 def collect_git(
-    name: str, rel: str, *, root: Path, diff_path: Path | None, vault: Path | None = None,
-    moved: Sequence[str] = (), runner: Runner = run_process,
-) -> dict[str, JSON]:  # fmt: skip
+    name: str,
+    rel: str,
+    *,
+    root: Path,
+    diff_path: Path | None,
+    vault: Path | None = None,
+    moved: Sequence[str] = (),
+    runner: Runner = run_process,
+) -> dict[str, JSON]:
     """The state of one repository, and (into diff_path) every uncommitted change as a patch.
 
     The patch holds staged and unstaged changes, binary files, and untracked files that are
@@ -666,18 +681,39 @@ def _untracked_size(path: Path) -> int:
         return 0
 
 
-def _write_git_diff(runner: Runner, top: Path, index: Path, diff_path: Path, *, base: str, untracked: list[str]) -> None:
+def _write_git_diff(
+    runner: Runner, top: Path, index: Path, diff_path: Path, *, base: str, untracked: list[str]
+) -> None:
     tmp_index = diff_path.with_name(f".{diff_path.name}.index")
     try:
         if untracked:
             if index.exists():
                 shutil.copyfile(index, tmp_index)
             paths = b"\0".join(os.fsencode(u) for u in untracked) + b"\0"
-            _git(runner, top, "add", "--intent-to-add", "--pathspec-from-file=-", "--pathspec-file-nul",
-                 stdin=paths, GIT_INDEX_FILE=str(tmp_index))  # fmt: skip
+            _git(
+                runner,
+                top,
+                "add",
+                "--intent-to-add",
+                "--pathspec-from-file=-",
+                "--pathspec-file-nul",
+                stdin=paths,
+                GIT_INDEX_FILE=str(tmp_index),
+            )
         env = {"GIT_INDEX_FILE": str(tmp_index)} if untracked else {}
-        patch = _git(runner, top, "diff", "--binary", "--no-color", "--no-ext-diff", "--no-textconv",
-                     "--src-prefix=a/", "--dst-prefix=b/", base, **env)  # fmt: skip
+        patch = _git(
+            runner,
+            top,
+            "diff",
+            "--binary",
+            "--no-color",
+            "--no-ext-diff",
+            "--no-textconv",
+            "--src-prefix=a/",
+            "--dst-prefix=b/",
+            base,
+            **env,  # type: ignore[arg-type]
+        )
         write_bytes_atomic(diff_path, patch)
     finally:
         with contextlib.suppress(OSError):
@@ -724,7 +760,12 @@ def hz_fields(kind: str, hz: int) -> dict[str, JSON]:
 def read_sysfs_caches(cpu_dir: Path) -> dict[str, JSON]:
     """Cache sizes of one CPU from /sys/devices/system/cpu/cpuN/cache, under py-cpuinfo's keys."""
     info: dict[str, JSON] = {}
-    names = {("1", "Data"): "l1_data", ("1", "Instruction"): "l1_instruction", ("2", "Unified"): "l2", ("3", "Unified"): "l3"}
+    names = {
+        ("1", "Data"): "l1_data",
+        ("1", "Instruction"): "l1_instruction",
+        ("2", "Unified"): "l2",
+        ("3", "Unified"): "l3",
+    }
     for index in sorted(cpu_dir.glob("index*")):
         try:
             level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
@@ -743,8 +784,18 @@ def read_sysfs_caches(cpu_dir: Path) -> dict[str, JSON]:
     return info
 
 
-_ARCH_NAMES = {"x86_64": "X86_64", "amd64": "X86_64", "i386": "X86_32", "i686": "X86_32", "aarch64": "ARM_8",
-               "arm64": "ARM_8", "ppc64le": "PPC_64", "ppc64": "PPC_64", "riscv64": "RISCV_64", "s390x": "S390X"}  # fmt: skip
+_ARCH_NAMES = {
+    "x86_64": "X86_64",
+    "amd64": "X86_64",
+    "i386": "X86_32",
+    "i686": "X86_32",
+    "aarch64": "ARM_8",
+    "arm64": "ARM_8",
+    "ppc64le": "PPC_64",
+    "ppc64": "PPC_64",
+    "riscv64": "RISCV_64",
+    "s390x": "S390X",
+}
 
 
 def cpu_from_system() -> dict[str, JSON]:
@@ -891,7 +942,9 @@ def create_capsule_dir(vault: Path, template: str, when: datetime.datetime) -> P
     try:
         vault.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise VaultError(f"cannot create the vault {vault}: {user_error_text(exc)}; check the path and permissions") from exc
+        raise VaultError(
+            f"cannot create the vault {vault}: {user_error_text(exc)}; check the path and permissions"
+        ) from exc
     base = when.strftime(template)
     for n in range(1, 1_000_000):
         path = vault / (base if n == 1 else f"{base}_{n}")
@@ -901,7 +954,9 @@ def create_capsule_dir(vault: Path, template: str, when: datetime.datetime) -> P
         except FileExistsError:
             continue
         except OSError as exc:
-            raise VaultError(f"cannot create a capsule in {vault}: {user_error_text(exc)}; check permissions and free space") from exc
+            raise VaultError(
+                f"cannot create a capsule in {vault}: {user_error_text(exc)}; check permissions and free space"
+            ) from exc
     raise VaultError(f"no free capsule name for {base!r} in {vault}")
 
 
@@ -1013,7 +1068,9 @@ def resolve_capsule(spec: str, vault: Path) -> Path:
         return vault / found[0]
     if not found:
         raise VaultError(f"no capsule {spec!r} in {vault}; run 'capsula list' to see the names")
-    raise VaultError(f"{spec!r} matches {len(found)} capsules in {vault} ({', '.join(sorted(found)[:3])}, ...); give more of the name")
+    raise VaultError(
+        f"{spec!r} matches {len(found)} capsules in {vault} ({', '.join(sorted(found)[:3])}, ...); give more of the name"
+    )
 
 
 def list_capsule_names(vault: Path) -> list[str]:
@@ -1074,7 +1131,12 @@ def _in_thread(fn: Callable[[], JSON]) -> Callable[[], JSON]:
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
-    return lambda: (thread.join(), box.get("value"))[1]
+
+    def join() -> JSON:
+        thread.join()
+        return box.get("value")
+
+    return join
 
 
 def collect_context(
@@ -1086,14 +1148,26 @@ def collect_context(
     repos = config.git_repositories if config.git_repositories is not None else default_repositories(config.root)
     cache = HostCache(config.vault, _cpuinfo_version() if config.include_cpu else None)
     pending = {
-        name: _in_thread(functools.partial(collect_git, name, rel, root=config.root, runner=runner, vault=config.vault,
-                                           moved=[f.path for f in config.files if f.move], diff_path=capsule.path / f"{name}.diff"))  # fmt: skip
+        name: _in_thread(
+            functools.partial(
+                collect_git,
+                name,
+                rel,
+                root=config.root,
+                runner=runner,
+                vault=config.vault,
+                moved=[f.path for f in config.files if f.move],
+                diff_path=capsule.path / f"{name}.diff",
+            )
+        )
         for name, rel in repos
     }
     cpu = _in_thread(functools.partial(collect_cpu, cache)) if config.include_cpu else None
     packages = _in_thread(collect_packages) if config.include_packages else None
-    processor = str(cache.get("processor", platform.processor) if sys.platform.startswith("linux") else platform.processor())
-    context = {
+    processor = str(
+        cache.get("processor", platform.processor) if sys.platform.startswith("linux") else platform.processor()
+    )
+    context: dict[str, JSON] = {
         "root_directory": str(config.root),
         "cwd": os.getcwd(),
         "platform": collect_platform(processor),
@@ -1153,7 +1227,11 @@ def capture(
     capsule = Capsule(path=path, config=config, context={}, manifest=_base_manifest(kind, started), warnings=[])
     capsule.write_manifest()
     commands: list[JSON] = []
-    extra: dict[str, JSON] = {"capsula_version": __version__, "timestamp": started.isoformat(), "pre_capture_commands": commands}
+    extra: dict[str, JSON] = {
+        "capsula_version": __version__,
+        "timestamp": started.isoformat(),
+        "pre_capture_commands": commands,
+    }
     try:
         child_env = {**environ, "CAPSULE_DIR": str(path)}
         for command in config.pre_capture_commands:
@@ -1177,7 +1255,9 @@ def capture(
         capsule.context["warnings"] = list(capsule.warnings)
     write_json(path / CONTEXT, capsule.context)
     git = {n: {"sha": g.get("sha"), "dirty": g.get("dirty")} for n, g in context["git"].items() if isinstance(g, dict)}
-    capsule.write_manifest(git=git, **({"status": "completed", "finished": now().isoformat()} if kind == "capture" else {}))
+    capsule.write_manifest(
+        git=git, **({"status": "completed", "finished": now().isoformat()} if kind == "capture" else {})
+    )
     return capsule
 
 
@@ -1251,7 +1331,9 @@ class _Tee:
             try:
                 _write_all(self.file_fd, data)
             except OSError as exc:
-                self.error = f"{self.path.name} is incomplete after {self.size - len(data)} bytes: {user_error_text(exc)}"
+                self.error = (
+                    f"{self.path.name} is incomplete after {self.size - len(data)} bytes: {user_error_text(exc)}"
+                )
                 self.close()
 
     def close(self) -> None:
@@ -1309,11 +1391,10 @@ def _pump(proc: subprocess.Popen[bytes], tees: Sequence[_Tee]) -> tuple[int, Any
     sel = selectors.DefaultSelector()
     for tee in tees:
         sel.register(tee.src, selectors.EVENT_READ, tee)
-    try:
-        pidfd: int | None = os.pidfd_open(proc.pid)
+    pidfd: int | None = None
+    with contextlib.suppress(AttributeError, OSError):  # Linux >= 5.3; elsewhere: poll
+        pidfd = os.pidfd_open(proc.pid)
         sel.register(pidfd, selectors.EVENT_READ, None)
-    except (AttributeError, OSError):
-        pidfd = None
     status: int | None = None
     rusage: Any = None
     exited_at = 0.0
@@ -1399,7 +1480,7 @@ def run_command(
         "max_rss_bytes": rusage.ru_maxrss * scale,
     }
     record.update(exit_code=code, run_time=run_time)
-    for tee, key in zip(tees, ("stdout", "stderr")):
+    for tee, key in zip(tees, ("stdout", "stderr"), strict=True):
         record[key], record[f"{key}_truncated"] = tee.text()
         record[f"{key}_bytes"] = tee.size
         if tee.error:
@@ -1454,9 +1535,15 @@ def check_items(config: Config, items: Sequence[str]) -> None:
 
 
 def monitor_command(
-    args: Sequence[str], *, config: Config, items: Sequence[str] = (), rerun_of: str | None = None,
-    cwd: Path | None = None, environ: Mapping[str, str] | None = None, quiet: bool = False,
-) -> tuple[int, Capsule | None]:  # fmt: skip
+    args: Sequence[str],
+    *,
+    config: Config,
+    items: Sequence[str] = (),
+    rerun_of: str | None = None,
+    cwd: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    quiet: bool = False,
+) -> tuple[int, Capsule | None]:
     """Capture the context, run the command and record the run; returns (exit code, capsule)."""
     check_items(config, items)
     environ = dict(os.environ if environ is None else environ)
@@ -1466,18 +1553,24 @@ def monitor_command(
             capsule = capture(config, kind="command", environ=environ)
         except Interrupted as exc:
             return 128 + exc.signum, None
-        shown = redact_args(args, config.secret_patterns, config.secret_allow) if config.redact_arguments else list(args)
+        shown = (
+            redact_args(args, config.secret_patterns, config.secret_allow) if config.redact_arguments else list(args)
+        )
         started = now()
-        pre = {**_pre_run_base(capsule, started, "command"), "args": shown, "items": {
-            name: {f.path: f.as_dict() for f in config.items[name]} for name in items}}  # fmt: skip
+        pre = {
+            **_pre_run_base(capsule, started, "command"),
+            "args": shown,
+            "items": {name: {f.path: f.as_dict() for f in config.items[name]} for name in items},
+        }
         if shown != list(args):
             pre["args_redacted"] = True
         if rerun_of:
             pre["rerun_of"] = rerun_of
         write_json(capsule.path / PRE_RUN, pre)
         capsule.write_manifest(command=shown, items=list(items), rerun_of=rerun_of)
-        run = run_command(args, cwd=Path.cwd(), env={**environ, "CAPSULE_DIR": str(capsule.path)},
-                          capsule=capsule.path, router=router)  # fmt: skip
+        run = run_command(
+            args, cwd=Path.cwd(), env={**environ, "CAPSULE_DIR": str(capsule.path)}, capsule=capsule.path, router=router
+        )
         files: dict[str, JSON] = {}
         try:
             files = _capture_items(capsule, items)
@@ -1545,9 +1638,8 @@ def _safe_str(exc: BaseException) -> str:
 
 
 def monitor(
-    func: F | None = None,
+    directory: Callable[..., Any] | str | os.PathLike[str] | None = None,
     /,
-    directory: str | os.PathLike[str] | None = None,
     *,
     items: Sequence[str] = (),
     include_return_value: bool = False,
@@ -1558,14 +1650,16 @@ def monitor(
     ``directory`` is the project root; by default the config is searched for upward from
     the function's source file. Config errors raise here, when decorating.
     """
+    func = directory if callable(directory) else None
+    root = None if callable(directory) else directory
 
     def decorate(fn: F) -> F:
         import inspect
 
         source = inspect.getsourcefile(fn) or inspect.getfile(fn)
         line = fn.__code__.co_firstlineno if hasattr(fn, "__code__") else None
-        if directory is not None:
-            config = load_config(directory)
+        if root is not None:
+            config = load_config(root)
         else:
             config = load_config(cwd=Path(source).absolute().parent)
         check_items(config, items)
@@ -1574,9 +1668,15 @@ def monitor(
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             capsule = capture(config, kind="function")
             started = now()
-            pre = {**_pre_run_base(capsule, started, "function"), "source_file": str(Path(source).absolute()),
-                   "source_line": line, "function_name": fn.__name__, "args": jsonable(args), "kwargs": jsonable(kwargs),
-                   "items": list(items)}  # fmt: skip
+            pre = {
+                **_pre_run_base(capsule, started, "function"),
+                "source_file": str(Path(source).absolute()),
+                "source_line": line,
+                "function_name": fn.__name__,
+                "args": jsonable(args),
+                "kwargs": jsonable(kwargs),
+                "items": list(items),
+            }
             write_json(capsule.path / PRE_RUN, pre)
             capsule.write_manifest(function=f"{fn.__module__}.{fn.__qualname__}")
             token = _CURRENT_CAPSULE.set(capsule.path)
@@ -1585,7 +1685,7 @@ def monitor(
             result: Any = None
             try:
                 result = fn(*args, **kwargs)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised below
                 outcome = exc
             finally:
                 run_time = time.perf_counter() - start
@@ -1673,15 +1773,28 @@ class Record:
 
 def summarize(path: Path, *, host: str, boot_id: str | None) -> dict[str, JSON]:
     """One row of `capsula list`, read from capsule.json alone when it is there."""
-    m = read_json(path / MANIFEST)
+    m: dict[str, JSON] | None = read_json(path / MANIFEST)
     if not isinstance(m, dict):  # a 0.0.19 or incomplete capsule: read the rest
         r = Record.read(path)
         ended = r.post.get("exit_code", 0 if r.post.get("exception_info", 1) is None else 1)
-        status = ("completed" if ended == 0 else "failed") if r.post else ("completed" if r.kind == "capture" else "unknown")
-        git = {n: {"sha": g.get("sha"), "dirty": None} for n, g in (r.context.get("git") or {}).items() if isinstance(g, dict)}
+        state = (
+            ("completed" if ended == 0 else "failed") if r.post else ("completed" if r.kind == "capture" else "unknown")
+        )
+        git = {
+            n: {"sha": g.get("sha"), "dirty": None}
+            for n, g in (r.context.get("git") or {}).items()
+            if isinstance(g, dict)
+        }
         what = r.pre.get("args") or r.pre.get("function_name")
-        m = {"kind": r.kind, "status": status, "started": r.pre.get("timestamp"), "exit_code": r.post.get("exit_code"),
-             "run_time": _seconds(r.post.get("run_time")), "git": git, "command": what}  # fmt: skip
+        m = {
+            "kind": r.kind,
+            "status": state,
+            "started": r.pre.get("timestamp"),
+            "exit_code": r.post.get("exit_code"),
+            "run_time": _seconds(r.post.get("run_time")),
+            "git": git,
+            "command": what,
+        }
         if not r.context and not r.pre:
             m["status"] = "unreadable"
     status = m.get("status")
@@ -1740,14 +1853,22 @@ def _short_git(git: Mapping[str, JSON]) -> str:
 def format_table(rows: Sequence[dict[str, JSON]]) -> str:
     header = ("NAME", "STARTED", "KIND", "STATUS", "EXIT", "TIME", "GIT", "COMMAND")
     lines = [header] + [
-        (str(r["name"]), str(r["started"] or "-")[:19].replace("T", " "), str(r["kind"] or "-"), str(r["status"] or "-"),
-         "-" if r["exit_code"] is None else str(r["exit_code"]),
-         "-" if r["run_time"] is None else f"{float(str(r['run_time'])):.2f}s",
-         _short_git(r["git"] or {}), str(r["command"] or ""))  # fmt: skip
+        (
+            str(r["name"]),
+            str(r["started"] or "-")[:19].replace("T", " "),
+            str(r["kind"] or "-"),
+            str(r["status"] or "-"),
+            "-" if r["exit_code"] is None else str(r["exit_code"]),
+            "-" if r["run_time"] is None else f"{float(str(r['run_time'])):.2f}s",
+            _short_git(r["git"] or {}),
+            str(r["command"] or ""),
+        )
         for r in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1] for line in lines
+    )
 
 
 def flatten(data: JSON, prefix: str) -> dict[str, JSON]:
@@ -1765,10 +1886,13 @@ def flatten(data: JSON, prefix: str) -> dict[str, JSON]:
 def _ignored(path: str, patterns: Sequence[str]) -> bool:
     short = path.split(".", 1)[1] if "." in path else path
     return any(
-        p in (path, short) or path.startswith(p + ".") or short.startswith(p + ".") or fnmatch.fnmatchcase(path, p)
+        p in (path, short)
+        or path.startswith(p + ".")
+        or short.startswith(p + ".")
+        or fnmatch.fnmatchcase(path, p)
         or fnmatch.fnmatchcase(short, p)
         for p in patterns
-    )  # fmt: skip
+    )
 
 
 def compare_fields(a: Mapping[str, JSON], b: Mapping[str, JSON], ignore: Sequence[str]) -> list[str]:
@@ -1786,8 +1910,15 @@ def compare_fields(a: Mapping[str, JSON], b: Mapping[str, JSON], ignore: Sequenc
 def text_diff(a: bytes, b: bytes, label: str, *, limit: int = 200) -> list[str]:
     if a == b:
         return []
-    lines = list(difflib.unified_diff(a.decode(errors="replace").splitlines(), b.decode(errors="replace").splitlines(),
-                                      f"A/{label}", f"B/{label}", lineterm=""))  # fmt: skip
+    lines = list(
+        difflib.unified_diff(
+            a.decode(errors="replace").splitlines(),
+            b.decode(errors="replace").splitlines(),
+            f"A/{label}",
+            f"B/{label}",
+            lineterm="",
+        )
+    )
     if not lines:  # differ in bytes only (line endings, invalid UTF-8)
         return [f"{label}: the bytes differ ({len(a)} vs {len(b)} bytes)"]
     cut = [f"... {len(lines) - limit} more lines"] if len(lines) > limit else []
@@ -1798,7 +1929,9 @@ def _diff_files(record: Record) -> dict[str, bytes]:
     out = {}
     for name, g in (record.context.get("git") or {}).items():
         with contextlib.suppress(OSError):
-            out[f"{name}.diff"] = (record.path / (g.get("diff_file") if isinstance(g, dict) else None or f"{name}.diff")).read_bytes()
+            out[f"{name}.diff"] = (
+                record.path / str((g.get("diff_file") if isinstance(g, dict) else None) or f"{name}.diff")
+            ).read_bytes()
     return out
 
 
@@ -1821,18 +1954,22 @@ def diff_capsules(a: Record, b: Record, *, ignore: Sequence[str] = ()) -> list[s
 
 def _config_from_record(record: Record, root: Path) -> Config:
     """The capsule's own capture settings (0.0.19 capsules: what its context.json names)."""
-    recorded = record.context.get("config") if isinstance(record.context.get("config"), dict) else {}
+    recorded: dict[str, JSON] = record.context.get("config") or {}
     ctx_files = record.context.get("files") or {}
     specs = tuple(
         FileSpec(path=p, hash=(e or {}).get("hash_algorithm"))
         for p, e in ctx_files.items()
         if not (isinstance(e, dict) and e.get("moved"))
     )
-    repos = tuple((n, str(g.get("path", "."))) for n, g in (record.context.get("git") or {}).items() if isinstance(g, dict))
+    repos = tuple(
+        (n, str(g.get("path", "."))) for n, g in (record.context.get("git") or {}).items() if isinstance(g, dict)
+    )
     return Config(
         root=root,
         vault_directory=str(record.path.parent),
-        environment_variables=tuple(recorded.get("environment_variables") or record.context.get("environment_variables") or ()),
+        environment_variables=tuple(
+            recorded.get("environment_variables") or record.context.get("environment_variables") or ()
+        ),
         files=specs,
         git_repositories=repos,
         include_packages="packages" in record.context,
@@ -1842,10 +1979,18 @@ def _config_from_record(record: Record, root: Path) -> Config:
 
 
 VERIFY_FIELDS = (
-    "context.platform.system", "context.platform.machine", "context.platform.release", "context.platform.node",
-    "context.platform.python.implementation", "context.platform.python.version", "context.platform.python.executable",
-    "context.environment_variables.", "context.git.", "context.files.", "context.packages.",
-)  # fmt: skip
+    "context.platform.system",
+    "context.platform.machine",
+    "context.platform.release",
+    "context.platform.node",
+    "context.platform.python.implementation",
+    "context.platform.python.version",
+    "context.platform.python.executable",
+    "context.environment_variables.",
+    "context.git.",
+    "context.files.",
+    "context.packages.",
+)
 
 
 def verify_capsule(record: Record, *, runner: Runner = run_process) -> tuple[list[str], list[str]]:
@@ -1858,19 +2003,32 @@ def verify_capsule(record: Record, *, runner: Runner = run_process) -> tuple[lis
     with tempfile.TemporaryDirectory(prefix="capsula-verify-") as tmp:
         now_ctx = Capsule(path=Path(tmp), config=config, context={}, manifest={}, warnings=[])
         current = collect_context(now_ctx, os.environ, runner=runner, in_place=True)
-        now_diffs = {n: (Path(tmp) / f"{n}.diff").read_bytes() for n in current["git"] if (Path(tmp) / f"{n}.diff").exists()}
+        now_diffs = {
+            n: (Path(tmp) / f"{n}.diff").read_bytes() for n in current["git"] if (Path(tmp) / f"{n}.diff").exists()
+        }
     keep = ("sha", "branch", "dirty", "untracked", "file_hash", "version", "source")
     fa, fb = flatten(record.context, "context"), flatten(current, "context")
     wanted = [k for k in set(fa) | set(fb) if k.startswith(VERIFY_FIELDS) or k in VERIFY_FIELDS]
-    wanted = [k for k in wanted if not k.startswith(("context.git.", "context.files.", "context.packages.")) or k.rsplit(".", 1)[1] in keep]
-    moved = [f"context.files.{p}." for p, e in (record.context.get("files") or {}).items() if isinstance(e, dict) and e.get("moved")]
+    wanted = [
+        k
+        for k in wanted
+        if not k.startswith(("context.git.", "context.files.", "context.packages.")) or k.rsplit(".", 1)[1] in keep
+    ]
+    moved = [
+        f"context.files.{p}."
+        for p, e in (record.context.get("files") or {}).items()
+        if isinstance(e, dict) and e.get("moved")
+    ]
     wanted = [k for k in wanted if not k.startswith(tuple(moved))]
     lines = compare_fields({k: fa.get(k, "<absent>") for k in wanted}, {k: fb.get(k, "<absent>") for k in wanted}, ())
     for name, patch in _diff_files(record).items():
         if patch != now_diffs.get(name[: -len(".diff")], b""):
             lines.append(f"git.{name[:-5]}: the uncommitted changes differ from the capsule's {name}")
-    notes = [f"{path}: moved into the capsule when captured; not compared"
-             for path, e in (record.context.get("files") or {}).items() if isinstance(e, dict) and e.get("moved")]  # fmt: skip
+    notes = [
+        f"{path}: moved into the capsule when captured; not compared"
+        for path, e in (record.context.get("files") or {}).items()
+        if isinstance(e, dict) and e.get("moved")
+    ]
     return [line.replace(" -> ", " (capsule) -> ") + " (now)" if " -> " in line else line for line in lines], notes
 
 
@@ -1962,16 +2120,30 @@ def rerun_capsule(record: Record, *, here: bool = False, quiet: bool = False) ->
     args = _rerun_args(record)
     old_root = Path(str(record.context.get("root_directory") or os.getcwd()))
     rel_cwd = os.path.relpath(str(record.pre.get("cwd") or old_root), old_root)
-    items = {n: tuple(FileSpec(path=p, **spec) for p, spec in files.items()) for n, files in (record.pre.get("items") or {}).items()}
+    items = {
+        n: tuple(FileSpec(path=p, **spec) for p, spec in files.items())
+        for n, files in (record.pre.get("items") or {}).items()
+    }
     with contextlib.ExitStack() as stack:
         root = old_root if here else stack.enter_context(rebuilt_worktree(record))
         if not here:
             _restore_inputs(record, root)
-        config = load_config(root) if (root / CONFIG_NAME).exists() or (root / "pyproject.toml").exists() else Config(root=root)
+        config = (
+            load_config(root)
+            if (root / CONFIG_NAME).exists() or (root / "pyproject.toml").exists()
+            else Config(root=root)
+        )
         config = dataclasses.replace(config, vault_directory=str(record.path.parent), items={**config.items, **items})
         cwd = root / rel_cwd if not rel_cwd.startswith("..") else Path(str(record.pre.get("cwd")))
-        code, capsule = monitor_command(args, config=config, items=list(items), rerun_of=record.path.name, cwd=cwd,
-                                        environ=_recorded_environ(record), quiet=quiet)  # fmt: skip
+        code, capsule = monitor_command(
+            args,
+            config=config,
+            items=list(items),
+            rerun_of=record.path.name,
+            cwd=cwd,
+            environ=_recorded_environ(record),
+            quiet=quiet,
+        )
     if capsule is None:
         return code, None, ["the rerun was interrupted before the command ran"]
     new = Record.read(capsule.path)
@@ -2055,29 +2227,50 @@ def _cmd_list(args: Any) -> int:
 def _cmd_show(args: Any) -> int:
     r = _record(args, args.capsule)
     if args.json:
-        print(json.dumps({"path": str(r.path), "capsule": r.manifest, "context": r.context, "pre_run": r.pre,
-                          "post_run": r.post}, indent=2, ensure_ascii=False))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "path": str(r.path),
+                    "capsule": r.manifest,
+                    "context": r.context,
+                    "pre_run": r.pre,
+                    "post_run": r.post,
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
         return 0
     row = summarize(r.path, host=platform.node(), boot_id=read_boot_id())
     plat, py = r.context.get("platform") or {}, (r.context.get("platform") or {}).get("python") or {}
-    out = [f"capsule   {r.path}", f"kind      {row['kind']}   status {row['status']}   exit {row['exit_code']}",
-           f"started   {row['started']}   run time {r.post.get('run_time', '-')}",
-           f"root      {r.context.get('root_directory')}   cwd {r.pre.get('cwd') or r.context.get('cwd')}",
-           f"platform  {plat.get('platform')} on {plat.get('node')}",
-           f"python    {py.get('implementation')} {py.get('version')} ({py.get('executable', '?')})"]  # fmt: skip
+    out = [
+        f"capsule   {r.path}",
+        f"kind      {row['kind']}   status {row['status']}   exit {row['exit_code']}",
+        f"started   {row['started']}   run time {r.post.get('run_time', '-')}",
+        f"root      {r.context.get('root_directory')}   cwd {r.pre.get('cwd') or r.context.get('cwd')}",
+        f"platform  {plat.get('platform')} on {plat.get('node')}",
+        f"python    {py.get('implementation')} {py.get('version')} ({py.get('executable', '?')})",
+    ]
     if row["command"]:
         out.append(f"run       {row['command']}" + (f"   rerun of {row['rerun_of']}" if row["rerun_of"] else ""))
     for name, g in (r.context.get("git") or {}).items():
         if isinstance(g, dict):
             extra = f", {len(g.get('untracked') or [])} untracked" if g.get("untracked") else ""
-            out.append(f"git       {name}: {g.get('sha')} on {g.get('branch')}{' (dirty' + extra + ')' if g.get('dirty') else ''}")
-    for title, mapping in (("env", r.context.get("environment_variables")), ("input", r.context.get("files")),
-                           ("output", r.post.get("files"))):  # fmt: skip
+            out.append(
+                f"git       {name}: {g.get('sha')} on {g.get('branch')}{' (dirty' + extra + ')' if g.get('dirty') else ''}"
+            )
+    for title, mapping in (
+        ("env", r.context.get("environment_variables")),
+        ("input", r.context.get("files")),
+        ("output", r.post.get("files")),
+    ):
         for key, value in (mapping or {}).items():
             shown = value.get("file_hash") if isinstance(value, dict) else value
             out.append(f"{title:<9} {key} = {shown}")
     if r.post.get("exception_info"):
-        out.append(f"exception {r.post['exception_info'].get('error_type')}: {r.post['exception_info'].get('error_message')}")
+        out.append(
+            f"exception {r.post['exception_info'].get('error_type')}: {r.post['exception_info'].get('error_message')}"
+        )
     for name in (STDOUT, STDERR):
         tail = r.output(name).decode(errors="replace").splitlines()[-5:] if r.kind == "command" else []
         out += [f"{name:<9} {line}" for line in tail]
@@ -2104,8 +2297,12 @@ def _cmd_rerun(args: Any) -> int:
     record = _record(args, args.capsule)
     if args.here:
         lines, _ = verify_capsule(record)
-        print("\n".join(["the current environment differs from the capsule:", *lines]) if lines
-              else f"the environment matches {record.path.name}", file=sys.stderr)  # fmt: skip
+        print(
+            "\n".join(["the current environment differs from the capsule:", *lines])
+            if lines
+            else f"the environment matches {record.path.name}",
+            file=sys.stderr,
+        )
     code, new, diffs = rerun_capsule(record, here=args.here, quiet=True)
     name = new.path.name if new else "-"
     if not diffs:
@@ -2133,7 +2330,9 @@ def _build_parser() -> Any:
     parser = argparse.ArgumentParser(prog="capsula", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"capsula {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-C", "--directory", metavar="DIR", help="the folder holding capsula.toml (default: search upward)")
+    common.add_argument(
+        "-C", "--directory", metavar="DIR", help="the folder holding capsula.toml (default: search upward)"
+    )
     sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
     p = sub.add_parser("capture", parents=[common], help="capture the context into a new capsule")
     p.set_defaults(handler=_cmd_capture)
@@ -2154,8 +2353,13 @@ def _build_parser() -> Any:
     p = sub.add_parser("diff", parents=[vault], help="compare two capsules (exit 1 when they differ)")
     p.add_argument("a", help="the first capsule")
     p.add_argument("b", help="the second capsule")
-    p.add_argument("--ignore", action="append", default=[], metavar="FIELD",
-                   help=f"a dotted field (or glob) to leave out; always left out: {', '.join(DEFAULT_IGNORES)}")  # fmt: skip
+    p.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="FIELD",
+        help=f"a dotted field (or glob) to leave out; always left out: {', '.join(DEFAULT_IGNORES)}",
+    )
     p.set_defaults(handler=_cmd_diff)
     p = sub.add_parser("verify", parents=[vault], help="compare the current environment with a capsule")
     p.add_argument("capsule")

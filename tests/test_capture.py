@@ -1,0 +1,300 @@
+"""`capsula capture`: the capsule, context.json, git state, files, commands, CPU."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, git, load, only_capsule, run_capsula, write_config
+
+import capsula
+
+REFERENCE_VAULT = REPO.parent / "shared" / "reference" / "capsula-0.0.19-vault"
+
+
+def capture(root: Path) -> Path:
+    result = run_capsula("capture", cwd=root)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) == 1  # the capsule's path is the one line on stdout
+    return Path(lines[0])
+
+
+def shape(value: Any) -> Any:
+    """Key structure and JSON types, for comparing with 0.0.19's output."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    return type(value).__name__
+
+
+def assert_superset(ours: Any, theirs: Any, where: str = "") -> None:
+    if isinstance(theirs, dict):
+        assert isinstance(ours, dict), where
+        for key, value in theirs.items():
+            assert key in ours, f"missing key {where}.{key}"
+            assert_superset(ours[key], value, f"{where}.{key}")
+    elif theirs != "NoneType":
+        assert ours == theirs or ours == "NoneType", f"{where}: {ours} != {theirs}"
+
+
+def test_context_json_has_every_key_0_0_19_wrote(repo: Path) -> None:
+    write_config(
+        repo,
+        """[capture]
+include-cpu = true
+environment-variables = ['HOME']
+[capture.files]
+"data.txt" = { hash = "sha256", copy = true }
+[capture.git.repositories]
+project = '.'
+""",
+    )
+    (repo / "README.md").write_text("changed\n")
+    capsule = capture(repo)
+    context = load(capsule / "context.json")
+    if REFERENCE_VAULT.exists():
+        reference = load(REFERENCE_VAULT / "capture" / "context.json")
+        reference["git"] = {"project": reference["git"]["sample"]}
+        reference["files"] = {"data.txt": reference["files"]["pyproject.toml"]}
+        cpu_ref = reference.pop("cpu")
+        assert_superset(shape(context), shape(reference))
+        assert set(cpu_ref) - set(context["cpu"]) <= {"l2_cache_line_size", "l2_cache_associativity"}
+    assert context["root_directory"] == str(repo) and context["cwd"] == str(repo)
+    assert context["files"]["data.txt"]["file_hash"] == hashlib.sha256(b"input data\n").hexdigest()
+    assert (capsule / "data.txt").read_text() == "input data\n"
+    assert "changed" in (capsule / "project.diff").read_text()
+
+
+def test_two_captures_in_the_same_second_get_distinct_capsules(repo: Path) -> None:
+    write_config(repo, "[capture]\ncapsule-template = 'fixed'\n")
+    first, second = capture(repo), capture(repo)
+    assert first != second and first.name == "fixed" and second.name == "fixed_2"
+    assert (first / "context.json").exists() and (second / "context.json").exists()
+
+
+def test_concurrent_captures_never_share_or_overwrite(repo: Path) -> None:
+    write_config(repo, "[capture]\ncapsule-template = 'same'\n")
+    procs = [
+        subprocess.Popen([sys.executable, str(REPO / "capsula.py"), "capture"], cwd=repo, stdout=subprocess.PIPE)
+        for _ in range(8)
+    ]
+    paths = {p.communicate()[0].decode().strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(paths) == 8
+
+
+def test_detached_head_records_null_branch(repo: Path) -> None:
+    git(repo, "checkout", "-q", "--detach")
+    context = load(capture(repo) / "context.json")
+    assert context["git"]["project"]["branch"] is None
+    assert context["git"]["project"]["sha"] == git(repo, "rev-parse", "HEAD").strip()
+
+
+def test_repository_without_commits(tmp_path: Path) -> None:
+    git(tmp_path, "init", "-q", "-b", "main")
+    (tmp_path / "new.txt").write_text("hello\n")
+    context = load(capture(tmp_path) / "context.json")
+    entry = context["git"][tmp_path.name]
+    assert entry["sha"] is None and entry["branch"] == "main" and entry["untracked"] == ["new.txt"]
+
+
+def test_remote_credentials_are_removed(repo: Path) -> None:
+    git(repo, "remote", "add", "origin", "https://user:s3cret@example.com/x.git")
+    git(repo, "remote", "add", "other", "https://example.com/y.git?token=abc")
+    git(repo, "remote", "add", "ssh", "git@example.com:z.git")
+    text = (capture(repo) / "context.json").read_text()
+    remotes = {r["name"]: r["url"] for r in load(capture(repo) / "context.json")["git"]["project"]["remotes"]}
+    assert remotes == {
+        "origin": "https://example.com/x.git",
+        "other": "https://example.com/y.git",
+        "ssh": "git@example.com:z.git",
+    }
+    assert "s3cret" not in text and "abc" not in text
+
+
+def test_diff_holds_every_uncommitted_change_and_applies_on_a_clean_checkout(repo: Path, tmp_path: Path) -> None:
+    (repo / ".gitignore").write_text("ignored.txt\n")
+    git(repo, "add", ".gitignore")
+    git(repo, "commit", "-q", "-m", "ignore")
+    (repo / "README.md").write_text("unstaged change\n")
+    (repo / "staged.txt").write_text("staged\n")
+    git(repo, "add", "staged.txt")
+    (repo / "data.txt").write_text("staged then changed\n")
+    git(repo, "add", "data.txt")
+    (repo / "data.txt").write_text("staged then changed again\n")
+    (repo / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    (repo / "new dir").mkdir()
+    (repo / "new dir" / "untracked é.txt").write_text("untracked\n")
+    (repo / "ignored.txt").write_text("ignored\n")
+    git(repo, "rm", "-q", "--cached", "README.md")  # a staged deletion, file kept
+    index_before = (repo / ".git" / "index").read_bytes()
+    capsule = capture(repo)
+    assert (repo / ".git" / "index").read_bytes() == index_before  # the user's index is untouched
+    entry = load(capsule / "context.json")["git"]["project"]
+    assert entry["dirty"] is True
+    assert sorted(entry["untracked"]) == ["README.md", "blob.bin", "new dir/untracked é.txt"]
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(repo), str(clone))
+    git(clone, "checkout", "-q", entry["sha"])
+    git(clone, "apply", "--binary", str(capsule / "project.diff"))
+    for rel in ("README.md", "staged.txt", "data.txt", "blob.bin", "new dir/untracked é.txt"):
+        assert (clone / rel).read_bytes() == (repo / rel).read_bytes(), rel
+    assert not (clone / "ignored.txt").exists()
+
+
+def test_large_untracked_files_are_listed_but_not_diffed(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(capsula, "UNTRACKED_LIMIT", 10)
+    monkeypatch.chdir(repo)
+    (repo / "big.bin").write_bytes(b"x" * 100)
+    capsule = capsula.capture(capsula.load_config())
+    entry = capsule.context["git"]["project"]
+    assert entry["untracked_not_in_diff"] == ["big.bin"] and "big.bin" in entry["untracked"]
+    assert b"big.bin" not in (capsule.path / "project.diff").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("name", "hashlib_name"),
+    [("md5", "md5"), ("sha1", "sha1"), ("sha256", "sha256"), ("sha3", "sha3_256"), ("blake2b", "blake2b")],
+)
+def test_hash_algorithms(repo: Path, name: str, hashlib_name: str) -> None:
+    write_config(repo, f'[capture.files]\n"data.txt" = {{ hash = "{name}" }}\n')
+    entry = load(capture(repo) / "context.json")["files"]["data.txt"]
+    assert entry["file_hash"] == hashlib.new(hashlib_name, b"input data\n").hexdigest()
+    assert entry["hash_algorithm"] == hashlib_name
+
+
+def test_same_base_names_both_survive_with_their_relative_paths(repo: Path) -> None:
+    for d in ("a", "b"):
+        (repo / d).mkdir()
+        (repo / d / "x.txt").write_text(f"from {d}\n")
+    write_config(repo, '[capture.files]\n"a/x.txt" = { copy = true }\n"b/x.txt" = { move = true }\n')
+    capsule = capture(repo)
+    assert (capsule / "a" / "x.txt").read_text() == "from a\n"
+    assert (capsule / "b" / "x.txt").read_text() == "from b\n"
+    assert (repo / "a" / "x.txt").exists() and not (repo / "b" / "x.txt").exists()
+
+
+def test_a_file_named_like_capsulas_own_is_kept_aside(repo: Path) -> None:
+    (repo / "context.json").write_text('{"mine": true}\n')
+    write_config(repo, '[capture.files]\n"context.json" = { copy = true }\n')
+    capsule = capture(repo)
+    assert load(capsule / "_files" / "context.json") == {"mine": True}
+    assert load(capsule / "context.json")["files"]["context.json"]["stored_as"] == "_files/context.json"
+
+
+def test_move_across_filesystems_keeps_every_byte(repo: Path, tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(repo).st_dev:
+        pytest.skip("needs a second filesystem")
+    vault = Path(os.path.realpath(shm)) / f"capsula-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        payload = os.urandom(3 << 20)
+        (repo / "out.bin").write_bytes(payload)
+        write_config(repo, f'[capture]\nvault-directory = "{vault}"\n[capture.files]\n"out.bin" = {{ move = true }}\n')
+        capsule = capture(repo)
+        assert (capsule / "out.bin").read_bytes() == payload and not (repo / "out.bin").exists()
+        entry = load(capsule / "context.json")["files"]["out.bin"]
+        assert entry["file_hash"] == hashlib.sha256(payload).hexdigest()
+    finally:
+        import shutil
+
+        shutil.rmtree(vault, ignore_errors=True)
+
+
+def test_missing_file_is_null_with_a_warning(repo: Path) -> None:
+    write_config(repo, '[capture.files]\n"nope.txt" = { hash = "sha256", copy = true }\n"data.txt" = {}\n')
+    result = run_capsula("capture", cwd=repo)
+    assert result.returncode == 0
+    assert "nope.txt: no such file" in result.stderr.decode()
+    context = load(Path(result.stdout.decode().strip()) / "context.json")
+    assert context["files"]["nope.txt"] is None and context["files"]["data.txt"]["file_hash"]
+
+
+def test_unset_and_glob_environment_variables(repo: Path) -> None:
+    write_config(repo, "[capture]\nenvironment-variables = ['MY_SET', 'MY_UNSET', 'SLURM_*']\n")
+    env = {**os.environ, "MY_SET": "1", "SLURM_JOB_ID": "42", "SLURM_NODE": "n1"}
+    env.pop("MY_UNSET", None)
+    result = run_capsula("capture", cwd=repo, env=env)
+    variables = load(Path(result.stdout.decode().strip()) / "context.json")["environment_variables"]
+    assert variables == {"MY_SET": "1", "MY_UNSET": None, "SLURM_JOB_ID": "42", "SLURM_NODE": "n1"}
+
+
+def test_pre_capture_commands_run_in_order_in_the_root_and_are_recorded(repo: Path) -> None:
+    write_config(
+        repo,
+        """[capture]
+pre-capture-commands = ['pwd > where.txt', 'echo one >> log.txt; echo err >&2', 'cat log.txt']
+[capture.files]
+"where.txt" = { move = true }
+""",
+    )
+    sub = repo / "sub"
+    sub.mkdir()
+    capsule = capture(sub)
+    commands = load(capsule / "context.json")["pre_capture_commands"]
+    assert [c["command"] for c in commands] == ["pwd > where.txt", "echo one >> log.txt; echo err >&2", "cat log.txt"]
+    assert commands[1]["stderr"] == "err\n" and commands[2]["stdout"] == "one\n"
+    assert all(c["exit_code"] == 0 and c["duration"] >= 0 for c in commands)
+    assert (capsule / "where.txt").read_text().strip() == str(repo)
+
+
+def test_failing_pre_capture_command_stops_the_capture(repo: Path) -> None:
+    write_config(
+        repo,
+        """[capture]
+pre-capture-commands = ['echo ok', 'echo broken lockfile >&2; exit 3', 'touch never-ran']
+[capture.files]
+"data.txt" = { move = true }
+""",
+    )
+    result = run_capsula("capture", cwd=repo)
+    err = result.stderr.decode()
+    assert result.returncode == 1
+    assert "exit code 3" in err and "broken lockfile" in err and "Traceback" not in err
+    capsule = only_capsule(repo / "vault")
+    context = load(capsule / "context.json")
+    assert context["status"] == "failed" and len(context["pre_capture_commands"]) == 2
+    assert load(capsule / "capsule.json")["status"] == "failed"
+    assert not (repo / "never-ran").exists() and (repo / "data.txt").exists()
+
+
+def test_cpu_fallback_parses_proc_cpuinfo() -> None:
+    text = (
+        "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 165\n"
+        "model name\t: Intel(R) Core(TM) i5-10400 CPU @ 2.90GHz\nstepping\t: 5\ncpu MHz\t\t: 2904.010\n"
+        "flags\t\t: sse2 fpu avx\n\nprocessor\t: 1\nvendor_id\t: Other\n"
+    )
+    info = capsula.parse_proc_cpuinfo(text)
+    assert info["vendor_id_raw"] == "GenuineIntel" and info["family"] == 6 and info["model"] == 165
+    assert info["flags"] == ["avx", "fpu", "sse2"] and info["stepping"] == 5
+    assert info["hz_advertised"] == [2900000000, 0] and info["hz_actual_friendly"] == "2.9040 GHz"
+
+
+def test_cpu_fallback_without_py_cpuinfo(repo: Path) -> None:
+    write_config(repo, "[capture]\ninclude-cpu = true\n")
+    # -S: no site-packages, so py-cpuinfo cannot be imported even where it is installed
+    result = subprocess.run([sys.executable, "-S", str(REPO / "capsula.py"), "capture"], cwd=repo, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    cpu = load(Path(result.stdout.decode().strip()) / "context.json")["cpu"]
+    assert cpu["count"] == os.cpu_count() and cpu["bits"] in (32, 64) and "arch" in cpu
+    if Path("/proc/cpuinfo").exists():
+        assert "brand_raw" in cpu or "flags" in cpu
+
+
+def test_json_writes_leave_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "x.json"
+    capsula.write_json(target, {"old": 1})
+
+    def broken_replace(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(capsula.VaultError, match="No space left"):
+        capsula.write_json(target, {"new": 2})
+    assert load(target) == {"old": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]

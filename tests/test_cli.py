@@ -1,0 +1,61 @@
+"""The single-file contract and the command-line front end."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import CAPSULA, REPO, git, only_capsule
+
+import capsula
+
+
+def test_every_top_level_import_is_standard_library() -> None:
+    tree = ast.parse(CAPSULA.read_text())
+    modules = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            modules |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.add(node.module.split(".")[0])
+    assert modules - {"__future__"} <= set(sys.stdlib_module_names)
+
+
+def test_a_copy_of_the_file_alone_runs_isolated(tmp_path: Path) -> None:
+    project = tmp_path / "vendored"
+    project.mkdir()
+    shutil.copy(CAPSULA, project / "capsula.py")
+    git(project, "init", "-q")
+    (project / "capsula.toml").write_text("[capture]\nenvironment-variables = ['HOME']\n")
+    result = subprocess.run([sys.executable, "-I", "capsula.py", "capture"], cwd=project, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.decode().strip()).parent == project / "vault"
+    monitored = subprocess.run(
+        [sys.executable, "-I", "capsula.py", "monitor", "echo", "hi"], cwd=project, capture_output=True
+    )
+    assert monitored.stdout == b"hi\n" and monitored.returncode == 0
+
+
+def test_python_dash_m_behaves_like_the_file(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "capsula", "--version"], cwd=REPO, capture_output=True)
+    assert result.stdout.decode().strip() == f"capsula {capsula.__version__}"
+    captured = subprocess.run(
+        [sys.executable, "-m", "capsula", "capture", "-C", str(tmp_path)], cwd=REPO, capture_output=True
+    )
+    assert captured.returncode == 0 and Path(captured.stdout.decode().strip()).parent == tmp_path / "vault"
+
+
+def test_main_returns_exit_codes_without_exiting(tmp_path: Path, capsys: object) -> None:
+    assert capsula.main(["capture", "-C", str(tmp_path)]) == 0
+    assert only_capsule(tmp_path / "vault").is_dir()
+    (tmp_path / "capsula.toml").write_text("[capture]\nbad = 1\n")
+    assert capsula.main(["capture", "-C", str(tmp_path)]) == 2
+
+
+def test_version_is_a_literal_for_flit() -> None:
+    tree = ast.parse(CAPSULA.read_text())
+    assigns = [n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "__version__"]
+    assert len(assigns) == 1 and isinstance(assigns[0].value, ast.Constant)

@@ -1,0 +1,198 @@
+"""@capsula.monitor: one capsule per call, args and results recorded, the caller unchanged."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, git, load, write_config
+
+import capsula
+
+REFERENCE_VAULT = REPO.parent / "shared" / "reference" / "capsula-0.0.19-vault"
+
+
+def capsules(root: Path) -> list[Path]:
+    return sorted((p for p in (root / "vault").iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def test_keys_of_0_0_19_and_the_return_value(repo: Path) -> None:
+    @capsula.monitor(repo, include_return_value=True)
+    def calc(n: int, seed: int = 42, *, fail: bool = False) -> float:
+        return n / 2
+
+    assert calc(10, fail=False) == 5.0
+    (capsule,) = capsules(repo)
+    pre, post = load(capsule / "pre-run-info.json"), load(capsule / "post-run-info.json")
+    if REFERENCE_VAULT.exists():
+        for ours, name in ((pre, "pre-run-info.json"), (post, "post-run-info.json")):
+            assert set(load(REFERENCE_VAULT / "monitor-decorator" / name)) <= set(ours)
+    assert pre["args"] == [10] and pre["kwargs"] == {"fail": False} and pre["function_name"] == "calc"
+    assert pre["source_file"] == __file__ and isinstance(pre["source_line"], int)
+    assert post["return_value"] == 5.0 and post["exception_info"] is None and post["status"] == "completed"
+    assert (capsule / "context.json").exists()
+
+
+def test_return_value_is_not_written_unless_asked(repo: Path) -> None:
+    @capsula.monitor(repo)
+    def secret() -> str:
+        return "do-not-store"
+
+    assert secret() == "do-not-store"
+    (capsule,) = capsules(repo)
+    assert "do-not-store" not in (capsule / "post-run-info.json").read_text()
+
+
+def test_exception_reaches_the_caller_and_is_recorded(repo: Path) -> None:
+    error = ValueError("bad input")
+
+    @capsula.monitor(repo)
+    def boom() -> None:
+        raise error
+
+    with pytest.raises(ValueError) as info:
+        boom()
+    assert info.value is error
+    post = load(capsules(repo)[0] / "post-run-info.json")
+    assert post["exception_info"]["error_type"] == "ValueError"
+    assert (
+        post["exception_info"]["error_message"] == "bad input"
+        and "raise error" in post["exception_info"]["error_details"]
+    )
+    assert post["status"] == "failed"
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), SystemExit(4)])
+def test_keyboard_interrupt_and_system_exit_are_recorded_and_reraised(repo: Path, exc: BaseException) -> None:
+    @capsula.monitor(repo)
+    def stop() -> None:
+        raise exc
+
+    with pytest.raises(type(exc)):
+        stop()
+    post = load(capsules(repo)[0] / "post-run-info.json")
+    assert post["exception_info"]["error_type"] == type(exc).__name__
+    assert post["status"] == ("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+
+
+def test_unserialisable_arguments_are_recorded_by_repr(repo: Path) -> None:
+    class Weird:
+        def __repr__(self) -> str:
+            return "Weird()"
+
+    class Broken:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    loop: list[Any] = [1]
+    loop.append(loop)
+
+    @capsula.monitor(repo, include_return_value=True)
+    def f(*args: Any, **kwargs: Any) -> Any:
+        return Weird()
+
+    assert isinstance(f(Weird(), {1, 2}, loop, b"\xff", Broken(), float("nan"), key=Path("/x")), Weird)
+    pre = load(capsules(repo)[0] / "pre-run-info.json")
+    post = load(capsules(repo)[0] / "post-run-info.json")
+    assert pre["args"][0] == "Weird()" and pre["args"][1] == "{1, 2}" and pre["args"][3] == "b'\\xff'"
+    assert pre["args"][2] == [1, "<recursive reference>"] and "repr() raised RuntimeError" in pre["args"][4]
+    assert pre["args"][5] == "nan" and pre["kwargs"] == {"key": "/x"} and post["return_value"] == "Weird()"
+
+
+def test_many_calls_in_one_second_each_get_a_capsule(repo: Path) -> None:
+    write_config(repo, "[capture]\ncapsule-template = 'run'\n")
+
+    @capsula.monitor(repo)
+    def f(i: int) -> int:
+        return i
+
+    assert [f(i) for i in range(5)] == list(range(5))
+    assert len(capsules(repo)) == 5
+
+
+NESTED_SCRIPT = '''
+@capsula.monitor
+def inner():
+    """Inner doc."""
+    return str(capsula.get_capsule_dir())
+
+@capsula.monitor()
+def outer():
+    before = str(capsula.get_capsule_dir())
+    inside = inner()
+    after = str(capsula.get_capsule_dir())
+    return before, inside, after
+
+before, inside, after = outer()
+assert before == after != inside, (before, inside, after)
+assert inner.__name__ == "inner" and inner.__doc__ == "Inner doc." and hasattr(inner, "__wrapped__")
+print(before, inside)
+'''
+
+
+def test_bare_decorator_wraps_and_nested_calls_get_separate_capsules(repo: Path) -> None:
+    script = repo / "nested.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(REPO)!r}); import capsula\n" + NESTED_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], cwd=repo, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    assert {str(p) for p in capsules(repo)} == set(result.stdout.decode().split())
+
+
+def test_items_of_a_decorated_function(repo: Path) -> None:
+    write_config(repo, '[monitor.item.res.files]\n"res.txt" = { hash = "sha256", copy = true }\n')
+
+    @capsula.monitor(repo, items=("res",))
+    def make() -> None:
+        (repo / "res.txt").write_text("result\n")
+
+    make()
+    capsule = capsules(repo)[0]
+    assert load(capsule / "post-run-info.json")["files"]["res.txt"]["file_hash"]
+    assert (capsule / "res.txt").read_text() == "result\n"
+
+
+def test_config_errors_raise_when_decorating(repo: Path) -> None:
+    write_config(repo, "[capture]\ninclude-cpu = 'no'\n")
+    with pytest.raises(capsula.ConfigError, match="include-cpu"):
+        capsula.monitor(repo)(lambda: None)
+    write_config(repo, "")
+    with pytest.raises(capsula.ConfigError, match="unknown item 'missing'"):
+        capsula.monitor(repo, items=("missing",))(lambda: None)
+
+
+def test_root_found_from_the_source_file_whatever_the_cwd(repo: Path, tmp_path: Path) -> None:
+    write_config(repo, "[capture]\nvault-directory = 'runs'\n")
+    (repo / "scripts").mkdir()
+    script = repo / "scripts" / "job.py"
+    script.write_text(
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); import capsula\n"
+        "@capsula.monitor(include_return_value=True)\ndef job(): return 7\nprint(job())\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, str(script)], cwd=elsewhere, capture_output=True, env={**os.environ})
+    assert result.stdout == b"7\n", result.stderr
+    (capsule,) = [p for p in (repo / "runs").iterdir() if not p.name.startswith(".")]
+    assert load(capsule / "post-run-info.json")["return_value"] == 7
+
+
+def test_the_decorator_example_runs_from_any_directory(tmp_path: Path) -> None:
+    project = tmp_path / "checkout"
+    (project / "examples").mkdir(parents=True)
+    for rel in ("capsula.py", "capsula.toml", "pyproject.toml", "examples/calc_pi_dec.py"):
+        shutil.copy(REPO / rel, project / rel)
+    git(project, "init", "-q")
+    result = subprocess.run(
+        [sys.executable, str(project / "examples" / "calc_pi_dec.py")], capture_output=True, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines()[-1] == "3.13728"
+    (capsule,) = [p for p in (project / "vault").iterdir() if not p.name.startswith(".")]
+    assert load(capsule / "post-run-info.json")["return_value"] == 3.13728
+    assert (capsule / "examples" / "pi_dec.txt").read_text() == "3.13728\n"
+    assert (capsule / "requirements.txt").exists()  # the pre-capture command's output, moved in

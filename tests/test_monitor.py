@@ -1,0 +1,195 @@
+"""`capsula monitor`: live tee, byte-exact output, exit codes, signals, items."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CAPSULA, REPO, load, only_capsule, run_capsula, write_config
+
+REFERENCE_VAULT = REPO.parent / "shared" / "reference" / "capsula-0.0.19-vault"
+
+
+def monitor(root: Path, *args: str, **kw: object) -> subprocess.CompletedProcess[bytes]:
+    return run_capsula("monitor", *args, cwd=root, **kw)  # type: ignore[arg-type]
+
+
+def py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_pre_and_post_run_info_have_0_0_19_keys(repo: Path) -> None:
+    result = monitor(repo, *py("import sys; print('out'); print('err', file=sys.stderr)"))
+    assert result.returncode == 0
+    capsule = only_capsule(repo / "vault")
+    pre, post = load(capsule / "pre-run-info.json"), load(capsule / "post-run-info.json")
+    if REFERENCE_VAULT.exists():
+        for ours, name in ((pre, "pre-run-info.json"), (post, "post-run-info.json")):
+            reference = load(REFERENCE_VAULT / "monitor-cli" / name)
+            assert {k: type(v) for k, v in reference.items()}.items() <= {k: type(ours[k]) for k in reference}.items()
+    assert pre["args"][1:] == ["-c", "import sys; print('out'); print('err', file=sys.stderr)"]
+    assert post["stdout"] == "out\n" and post["stderr"] == "err\n" and post["exit_code"] == 0
+    assert post["run_time"].startswith("PT") and post["run_time"].endswith("S") and post["status"] == "completed"
+    assert (capsule / "context.json").exists() and pre["host"] and pre["pid"]
+
+
+def test_arguments_after_the_command_belong_to_it(repo: Path) -> None:
+    code = "import sys; print(sys.argv[1:])"
+    without = monitor(repo, sys.executable, "-c", code, "-n", "3", "--out", "y", "-i", "z")
+    with_dashes = monitor(repo, "--", sys.executable, "-c", code, "-n", "3", "--out", "y", "-i", "z")
+    assert without.stdout == with_dashes.stdout == b"['-n', '3', '--out', 'y', '-i', 'z']\n"
+
+
+def test_stdout_is_exactly_the_commands(repo: Path, tmp_path: Path) -> None:
+    code = "import sys; sys.stdout.buffer.write(bytes(range(256)) + b'\\xff\\xfe\\n'); sys.stderr.write('e')"
+    bare = subprocess.run(py(code), capture_output=True)
+    result = monitor(repo, *py(code))
+    assert result.stdout == bare.stdout
+    capsule = only_capsule(repo / "vault")
+    assert (capsule / "stdout.txt").read_bytes() == bare.stdout
+    assert (capsule / "stderr.txt").read_bytes() == b"e"
+    post = load(capsule / "post-run-info.json")
+    assert "\ufffd" in post["stdout"]  # invalid UTF-8 replaced in the JSON text, kept in stdout.txt
+
+
+@pytest.mark.parametrize(("code", "expected"), [("pass", 0), ("raise SystemExit(3)", 3)])
+def test_exit_code_is_passed_on(repo: Path, code: str, expected: int) -> None:
+    result = monitor(repo, *py(code))
+    assert result.returncode == expected
+    post = load(only_capsule(repo / "vault") / "post-run-info.json")
+    assert post["exit_code"] == expected and post["status"] == ("completed" if expected == 0 else "failed")
+
+
+def test_command_not_found_is_127_one_line_and_recorded(repo: Path) -> None:
+    result = monitor(repo, "no-such-command-xyz", "arg")
+    err = result.stderr.decode()
+    assert result.returncode == 127
+    assert err.count("\n") == 1 and "command not found: no-such-command-xyz" in err
+    post = load(only_capsule(repo / "vault") / "post-run-info.json")
+    assert post["exit_code"] == 127 and post["status"] == "failed" and "not found" in post["error"]
+
+
+def test_killed_command_is_128_plus_signal(repo: Path) -> None:
+    result = monitor(repo, *py("import os, signal; os.kill(os.getpid(), signal.SIGKILL)"))
+    assert result.returncode == 128 + 9
+    post = load(only_capsule(repo / "vault") / "post-run-info.json")
+    assert post["signal"] == "SIGKILL" and post["exit_code"] == 137
+
+
+def test_output_appears_while_the_command_runs(repo: Path) -> None:
+    code = "import time; print('first', flush=True); time.sleep(3); print('second')"
+    proc = subprocess.Popen([sys.executable, str(CAPSULA), "monitor", *py(code)], cwd=repo, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line == b"first\n"
+    assert proc.poll() is None  # read before the command ended
+    assert proc.communicate()[0] == b"second\n"
+
+
+def test_large_output_is_saved_whole_and_inline_text_is_cut(repo: Path) -> None:
+    code = "import sys\nfor i in range(200000): sys.stdout.write(f'{i:09d} line of output\\n')"
+    result = monitor(repo, *py(code))
+    assert result.returncode == 0
+    capsule = only_capsule(repo / "vault")
+    data = (capsule / "stdout.txt").read_bytes()
+    assert len(data) == 200000 * 25 and data.endswith(b"000199999 line of output\n")
+    post = load(capsule / "post-run-info.json")
+    assert post["stdout_truncated"] is True and post["stdout_bytes"] == len(data)
+    assert len(post["stdout"].encode()) <= 1 << 20 and post["stdout"].endswith("000199999 line of output\n")
+
+
+@pytest.mark.parametrize(("signum", "expected"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signals_are_forwarded_and_the_run_is_recorded(repo: Path, tmp_path: Path, signum: int, expected: int) -> None:
+    marker = tmp_path / "got-signal"
+    code = (
+        "import signal, sys, time\n"
+        f"def h(s, f):\n    open({str(marker)!r}, 'w').write(str(s)); sys.exit(5)\n"
+        "signal.signal(signal.SIGINT, h); signal.signal(signal.SIGTERM, h)\n"
+        "print('ready', flush=True)\ntime.sleep(30)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(CAPSULA), "monitor", *py(code)], cwd=repo, stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    proc.send_signal(signum)
+    assert proc.wait(timeout=20) == expected
+    assert marker.read_text() == str(int(signum))  # the command got it, once
+    post = load(only_capsule(repo / "vault") / "post-run-info.json")
+    assert post["status"] == "interrupted" and post["exit_code"] == 5
+
+
+def test_resource_usage_comes_from_the_wait_status(repo: Path) -> None:
+    monitor(repo, *py("x = bytearray(50 << 20); sum(range(3_000_000))"))
+    usage = load(only_capsule(repo / "vault") / "post-run-info.json")["resource_usage"]
+    assert usage["max_rss_bytes"] > 50 << 20 and usage["user_time"] > 0
+
+
+def test_capsule_dir_is_in_the_commands_environment(repo: Path) -> None:
+    code = "import os, sys; sys.path.insert(0, os.environ['CAPSULA_HOME']); import capsula; print(capsula.get_capsule_dir())"
+    result = monitor(repo, *py(code), env={**os.environ, "CAPSULA_HOME": str(REPO)})
+    capsule = only_capsule(repo / "vault")
+    assert result.stdout.decode().strip() == str(capsule)
+
+
+def test_get_capsule_dir_outside_a_run_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import capsula
+
+    monkeypatch.delenv("CAPSULE_DIR", raising=False)
+    with pytest.raises(capsula.CapsulaError, match="outside a monitored run"):
+        capsula.get_capsule_dir()
+
+
+def test_items_are_hashed_copied_and_moved_after_the_run(repo: Path) -> None:
+    write_config(
+        repo,
+        """[monitor.item.out.files]
+"out/a.txt" = { hash = "sha256", move = true }
+"out/b.txt" = { hash = "md5", copy = true }
+"out/never.txt" = { hash = "sha256" }
+""",
+    )
+    code = "import os; os.makedirs('out'); open('out/a.txt','w').write('a'); open('out/b.txt','w').write('b')"
+    result = monitor(repo, "-i", "out", *py(code))
+    assert result.returncode == 0 and "out/never.txt: no such file" in result.stderr.decode()
+    capsule = only_capsule(repo / "vault")
+    files = load(capsule / "post-run-info.json")["files"]
+    assert files["out/never.txt"] is None and files["out/b.txt"]["hash_algorithm"] == "md5"
+    assert (capsule / "out" / "a.txt").read_text() == "a" and not (repo / "out" / "a.txt").exists()
+    assert (capsule / "out" / "b.txt").read_text() == "b" and (repo / "out" / "b.txt").exists()
+
+
+def test_unknown_item_is_an_error_before_anything_runs(repo: Path, tmp_path: Path) -> None:
+    result = monitor(repo, "-i", "nope", "touch", str(tmp_path / "ran"))
+    assert result.returncode == 2 and "unknown item 'nope'" in result.stderr.decode()
+    assert not (tmp_path / "ran").exists() and not (repo / "vault").exists()
+
+
+def test_failing_pre_capture_command_does_not_run_the_command(repo: Path, tmp_path: Path) -> None:
+    write_config(repo, "[capture]\npre-capture-commands = ['exit 1']\n")
+    result = monitor(repo, "touch", str(tmp_path / "ran"))
+    assert result.returncode == 1 and not (tmp_path / "ran").exists()
+
+
+def test_no_command_is_a_usage_error(repo: Path) -> None:
+    result = monitor(repo)
+    assert result.returncode == 2 and "no command to monitor" in result.stderr.decode()
+
+
+def test_a_command_that_closes_stdout_early_and_keeps_running(repo: Path) -> None:
+    code = "import os, sys, time; print('bye', flush=True); os.close(1); time.sleep(1.5); sys.stderr.write('late\\n')"
+    start = time.monotonic()
+    result = monitor(repo, *py(code))
+    assert result.returncode == 0 and time.monotonic() - start < 15
+    capsule = only_capsule(repo / "vault")
+    assert (capsule / "stdout.txt").read_bytes() == b"bye\n" and (capsule / "stderr.txt").read_bytes() == b"late\n"
+
+
+def test_a_background_child_holding_the_pipe_does_not_hang_capsula(repo: Path) -> None:
+    code = "import subprocess, sys; subprocess.Popen(['sleep', '60']); print('parent done')"
+    start = time.monotonic()
+    result = monitor(repo, *py(code), timeout=30)
+    assert result.returncode == 0 and time.monotonic() - start < 15
+    assert (only_capsule(repo / "vault") / "stdout.txt").read_bytes() == b"parent done\n"
