@@ -1785,7 +1785,7 @@ def summarize(path: Path, *, host: str, boot_id: str | None) -> dict[str, JSON]:
             for n, g in (r.context.get("git") or {}).items()
             if isinstance(g, dict)
         }
-        what = r.pre.get("args") or r.pre.get("function_name")
+        what = r.pre.get("function_name") if r.kind == "function" else r.pre.get("args")
         m = {
             "kind": r.kind,
             "status": state,
@@ -1809,7 +1809,7 @@ def summarize(path: Path, *, host: str, boot_id: str | None) -> dict[str, JSON]:
         "exit_code": m.get("exit_code"),
         "run_time": m.get("run_time"),
         "git": {n: g for n, g in (m.get("git") or {}).items()},
-        "command": " ".join(what) if isinstance(what, list) else what,
+        "command": " ".join(map(str, what)) if isinstance(what, list) else what,
         "rerun_of": m.get("rerun_of"),
     }
 

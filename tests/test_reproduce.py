@@ -1,0 +1,209 @@
+"""list, show, diff, verify, rerun and find."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CAPSULA, REPO, git, load, run_capsula, write_config
+
+import capsula
+
+REFERENCE_VAULT = REPO.parent / "shared" / "reference" / "capsula-0.0.19-vault"
+SCRIPT = """\
+import sys
+text = open("input.txt").read()
+suffix = "-v2"  # uncommitted change
+open("output.txt", "w").write(text.upper() + suffix)
+print("wrote", len(text), "chars")
+"""
+
+
+def ok(result: subprocess.CompletedProcess[bytes]) -> str:
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode()
+
+
+@pytest.fixture
+def project(repo: Path) -> Path:
+    write_config(repo, '[monitor.item.out.files]\n"output.txt" = { hash = "sha256", move = true }\n')
+    (repo / "make.py").write_text(SCRIPT.replace('suffix = "-v2"  # uncommitted change', 'suffix = ""'))
+    (repo / ".gitignore").write_text("vault/\noutput.txt\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "script")
+    return repo
+
+
+def capsules(root: Path) -> list[str]:
+    return [row["name"] for row in json.loads(ok(run_capsula("list", "--json", cwd=root)))]
+
+
+def test_list_is_newest_first_with_status_exit_and_git(project: Path) -> None:
+    write_config(project, "[capture]\ncapsule-template = 'c'\n")
+    run_capsula("capture", cwd=project)
+    run_capsula("monitor", "sh", "-c", "exit 4", cwd=project)
+    rows = json.loads(ok(run_capsula("list", "--json", cwd=project)))
+    assert [r["name"] for r in rows] == ["c_2", "c"]
+    assert rows[0]["kind"] == "command" and rows[0]["status"] == "failed" and rows[0]["exit_code"] == 4
+    assert rows[0]["command"] == "sh -c exit 4" and rows[1]["kind"] == "capture"
+    sha = git(project, "rev-parse", "HEAD").strip()
+    assert rows[0]["git"]["project"] == {"sha": sha, "dirty": True}  # capsula.toml is uncommitted
+    table = ok(run_capsula("list", cwd=project)).splitlines()
+    assert table[0].split() == ["NAME", "STARTED", "KIND", "STATUS", "EXIT", "TIME", "GIT", "COMMAND"]
+    assert sha[:8] + "*" in table[1] and "sh -c exit 4" in table[1]
+
+
+def test_list_says_died_for_a_vanished_capsula(project: Path) -> None:
+    capsule = capsula.capture(capsula.load_config(project), kind="command")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    capsule.write_manifest(status="running", pid=dead.pid)
+    (row,) = json.loads(ok(run_capsula("list", "--json", cwd=project)))
+    assert row["status"] == "died"
+
+
+def test_show_by_name_prefix_latest_and_path(project: Path) -> None:
+    write_config(project, "[capture]\ncapsule-template = 'run-%Y'\n")
+    ok(run_capsula("monitor", "echo", "first", cwd=project))
+    ok(run_capsula("monitor", "echo", "second", cwd=project))
+    first, second = sorted(capsules(project))
+    assert "echo second" in ok(run_capsula("show", "latest", cwd=project))
+    assert "echo first" in ok(run_capsula("show", "latest~1", cwd=project))
+    assert "echo first" in ok(run_capsula("show", first, cwd=project))
+    assert "echo second" in ok(run_capsula("show", str(project / "vault" / second), cwd=project))
+    ambiguous = run_capsula("show", "run-", cwd=project)
+    assert ambiguous.returncode == 1 and "matches 2 capsules" in ambiguous.stderr.decode()
+    shown = json.loads(ok(run_capsula("show", "latest", "--json", cwd=project)))
+    assert shown["post_run"]["stdout"] == "second\n" and shown["pre_run"]["args"] == ["echo", "second"]
+    missing = run_capsula("show", "nope", cwd=project)
+    assert missing.returncode == 1 and missing.stderr.decode().count("\n") == 1
+
+
+def test_diff_names_what_differs(project: Path) -> None:
+    env = {**os.environ, "MODE": "a"}
+    write_config(project, "[capture]\nenvironment-variables = ['MODE']\n")
+    ok(run_capsula("monitor", "sh", "-c", "echo same; echo $MODE", cwd=project, env=env))
+    ok(run_capsula("monitor", "sh", "-c", "echo same; echo $MODE", cwd=project, env=env))
+    same = run_capsula("diff", "latest~1", "latest", "--ignore", "run_time", cwd=project)
+    assert same.returncode == 0 and same.stdout == b"no differences\n", same.stdout
+    ok(run_capsula("monitor", "sh", "-c", "echo same; echo $MODE", cwd=project, env={**env, "MODE": "b"}))
+    differ = run_capsula("diff", "latest~1", "latest", "--ignore", "run_time", cwd=project)
+    out = differ.stdout.decode()
+    assert differ.returncode == 1
+    assert 'context.environment_variables.MODE: "a" -> "b"' in out
+    assert "-a" in out.splitlines() and "+b" in out.splitlines()  # the unified diff of stdout
+    assert "post.run_time" in ok_or_diff(run_capsula("diff", "latest~1", "latest", cwd=project))
+
+
+def ok_or_diff(result: subprocess.CompletedProcess[bytes]) -> str:
+    assert result.returncode in (0, 1), result.stderr
+    return result.stdout.decode()
+
+
+def test_verify_matches_then_names_changes(project: Path) -> None:
+    write_config(project, "[capture]\nenvironment-variables = ['MODE']\n[capture.files]\n\"data.txt\" = {}\n")
+    env = {**os.environ, "MODE": "a"}
+    ok(run_capsula("capture", cwd=project, env=env))
+    assert "the environment matches" in ok(run_capsula("verify", "latest", cwd=project, env=env))
+    (project / "data.txt").write_text("changed\n")
+    result = run_capsula("verify", "latest", cwd=project, env={**env, "MODE": "b"})
+    out = result.stdout.decode()
+    assert result.returncode == 1
+    assert "context.environment_variables.MODE" in out and "context.files.data.txt.file_hash" in out
+    assert "uncommitted changes differ" in out
+    assert not [p for p in (project / "vault").iterdir() if p.name.startswith(".rerun")]
+
+
+def test_rerun_round_trip(project: Path) -> None:
+    (project / "make.py").write_text(SCRIPT)  # an uncommitted change
+    (project / "input.txt").write_text("untracked input\n")  # an untracked input
+    first = run_capsula("monitor", "-i", "out", "python3", "make.py", cwd=project)
+    assert first.stdout == b"wrote 16 chars\n"
+    (project / "other.txt").write_text("unrelated\n")
+    git(project, "add", "other.txt")
+    git(project, "commit", "-q", "-m", "something else")
+    (project / "make.py").write_text("raise SystemExit('the working tree moved on')\n")
+    status_before = git(project, "status", "--porcelain")
+    branches_before = git(project, "branch", "-a")
+
+    result = run_capsula("rerun", "latest", cwd=project)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    assert "reproduced identically" in result.stdout.decode()
+    rows = json.loads(ok(run_capsula("list", "--json", cwd=project)))
+    assert rows[0]["rerun_of"] == rows[1]["name"] and rows[0]["status"] == "completed"
+    assert git(project, "status", "--porcelain") == status_before and git(project, "branch", "-a") == branches_before
+    assert git(project, "worktree", "list").count("\n") == 1
+    assert not [p for p in (project / "vault").iterdir() if p.name.startswith(".") and p.name != ".cache"]
+
+    # Change an input and rerun here: the difference is named.
+    (project / "make.py").write_text(SCRIPT)
+    (project / "input.txt").write_text("a different input\n")
+    here = run_capsula("rerun", "latest~1", "--here", cwd=project)
+    out = here.stdout.decode()
+    assert here.returncode == 1 and "not reproduced" in out
+    assert "output file output.txt" in out and "+wrote 18 chars" in out
+    assert "uncommitted changes differ" in here.stderr.decode()  # what verify found first
+
+
+def test_rerun_refuses_redacted_arguments(project: Path) -> None:
+    ok(run_capsula("monitor", "echo", "--token", "abc", cwd=project))
+    result = run_capsula("rerun", "latest", cwd=project)
+    assert result.returncode == 1 and "redacted" in result.stderr.decode()
+    assert len(capsules(project)) == 1
+
+
+def test_rerun_of_a_capture_is_refused(project: Path) -> None:
+    ok(run_capsula("capture", cwd=project))
+    result = run_capsula("rerun", "latest", cwd=project)
+    assert result.returncode == 1 and "only a command capsule can be rerun" in result.stderr.decode()
+
+
+def test_rerun_interrupted_removes_the_worktree(project: Path) -> None:
+    code = "import time; print('ready', flush=True); time.sleep(30)"
+    ok(run_capsula("monitor", sys.executable, "-c", code, cwd=project, timeout=60))
+    proc = subprocess.Popen([sys.executable, str(CAPSULA), "rerun", "latest"], cwd=project, stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    assert git(project, "worktree", "list").count("\n") == 1
+    assert not [p for p in (project / "vault").iterdir() if p.name.startswith(".rerun")]
+
+
+def test_find_leads_from_a_result_back_to_its_run(project: Path) -> None:
+    (project / "input.txt").write_text("x\n")
+    write_config(
+        project,
+        '[monitor.item.out.files]\n"output.txt" = { hash = "sha256", copy = true }\n[capture.files]\n"input.txt" = {}\n',
+    )
+    ok(run_capsula("monitor", "-i", "out", "python3", "make.py", cwd=project))
+    (name,) = capsules(project)
+    assert ok(run_capsula("find", "output.txt", cwd=project)).split() == [name, "output", "output.txt"]
+    assert ok(run_capsula("find", "input.txt", cwd=project)).split() == [name, "input", "input.txt"]
+    (project / "input.txt").write_text("never recorded\n")
+    assert run_capsula("find", "input.txt", cwd=project).returncode == 1
+
+
+def test_capsules_of_0_0_19_are_read_as_far_as_they_go(tmp_path: Path) -> None:
+    if not REFERENCE_VAULT.exists():
+        pytest.skip("the 0.0.19 reference is not beside the repository")
+    vault = tmp_path / "vault"
+    for name in ("capture", "monitor-cli", "monitor-decorator"):
+        shutil.copytree(REFERENCE_VAULT / name, vault / name)
+    (vault / "broken").mkdir()
+    (vault / "broken" / "context.json").write_text("{not json")
+    rows = {r["name"]: r for r in json.loads(ok(run_capsula("list", "--vault", str(vault), "--json", cwd=tmp_path)))}
+    assert rows["monitor-cli"]["kind"] == "command" and rows["monitor-cli"]["status"] == "completed"
+    assert rows["monitor-decorator"]["kind"] == "function" and rows["capture"]["kind"] == "capture"
+    assert rows["broken"]["status"] == "unreadable"
+    for name in rows:
+        shown = run_capsula("show", name, "--vault", str(vault), cwd=tmp_path)
+        assert shown.returncode == 0 and b"Traceback" not in shown.stderr
+    out = ok_or_diff(run_capsula("diff", "monitor-cli", "monitor-decorator", "--vault", str(vault), cwd=tmp_path))
+    assert "pre.function_name" in out
+    assert load(vault / "monitor-cli" / "post-run-info.json")["stdout"] in out or "stdout" in out
