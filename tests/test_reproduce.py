@@ -164,9 +164,11 @@ def test_rerun_of_a_capture_is_refused(project: Path) -> None:
     assert result.returncode == 1 and "only a command capsule can be rerun" in result.stderr.decode()
 
 
-def test_rerun_interrupted_removes_the_worktree(project: Path) -> None:
-    code = "import time; print('ready', flush=True); time.sleep(30)"
+def test_rerun_interrupted_removes_the_worktree(project: Path, tmp_path: Path) -> None:
+    slow = tmp_path / "slow"  # only the rerun sleeps
+    code = f"import os, time; print('ready', flush=True); os.path.exists({str(slow)!r}) and time.sleep(30)"
     ok(run_capsula("monitor", sys.executable, "-c", code, cwd=project, timeout=60))
+    slow.touch()
     proc = subprocess.Popen([sys.executable, str(CAPSULA), "rerun", "latest"], cwd=project, stdout=subprocess.PIPE)
     assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
     proc.send_signal(signal.SIGINT)
