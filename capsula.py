@@ -169,7 +169,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, data: JSON) -> None:
     """Write JSON atomically, indented as 0.0.19 wrote it."""
-    write_bytes_atomic(path, (json.dumps(data, indent=4, ensure_ascii=False) + "\n").encode())
+    try:
+        text = json.dumps(data, indent=4, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # non-UTF-8 file names or values: escaped, so they round-trip
+        text = json.dumps(data, indent=4).encode()
+    write_bytes_atomic(path, text + b"\n")
 
 
 def read_json(path: Path) -> JSON:
@@ -347,7 +351,7 @@ def _file_specs(raw: Mapping[str, Any], *, where: str, source: str, root: Path) 
             raise ConfigError(f"{key} sets both copy and move; choose one of them")
         if spec.hash is not None:
             name = normalize_hash_name(spec.hash)
-            if name not in hashlib.algorithms_available or name.startswith("shake"):
+            if not _hash_usable(name):
                 allowed = "md5, sha1, sha256, sha3, sha512, blake2b, ..."
                 raise ConfigError(f"{key} has unknown hash algorithm '{spec.hash}'; use one of {allowed}")
             spec = dataclasses.replace(spec, hash=name)
@@ -357,6 +361,16 @@ def _file_specs(raw: Mapping[str, Any], *, where: str, source: str, root: Path) 
             raise ConfigError(f"{key} lies outside the root {root}; only files inside it can be copied or moved")
         specs.append(spec)
     return tuple(specs)
+
+
+def _hash_usable(name: str) -> bool:
+    if name not in hashlib.algorithms_available or name.startswith("shake"):
+        return False
+    try:
+        hashlib.new(name)
+    except ValueError:  # listed, but refused by this OpenSSL (e.g. ripemd160 on OpenSSL 3)
+        return False
+    return True
 
 
 def _is_inside(path: Path, root: Path) -> bool:
@@ -392,14 +406,14 @@ def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> 
     template = cap.get("capsule-template", "%Y%m%d_%H%M%S")
     _check_template(template, source=where)
     vault = cap.get("vault-directory", "vault")
-    if not vault:
+    if not vault or "\0" in vault:
         raise ConfigError(f"'capture.vault-directory' in {where} is empty; name a directory, e.g. 'vault'")
     repos = None
     if "git" in cap:
         repos = tuple(cap["git"].get("repositories", {}).items())
         for name, rel in repos:
             key = f"'capture.git.repositories.{name}' in {where}"
-            if not name or name.startswith(".") or "/" in name or os.sep in name:
+            if not name or name.startswith(".") or "/" in name or os.sep in name or "\0" in name + rel:
                 raise ConfigError(f"{key}: the name must be a plain file name (it names {name}.diff)")
             if not (root / rel).is_dir() or _find_git_top((root / rel).resolve()) is None:
                 raise ConfigError(
@@ -981,7 +995,8 @@ def copy_and_hash(src: Path, dest: Path, algorithm: str | None) -> str | None:
                 if digest:
                     digest.update(view[:n])
                 fout.write(view[:n])
-        shutil.copystat(src, tmp)
+        st = os.stat(src)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))  # mode: the user's umask, not the source's
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -1016,17 +1031,18 @@ def capture_file(
     entry: dict[str, JSON] = {"hash_algorithm": spec.hash, "file_hash": None}
     try:
         if src.is_symlink():
-            # Recorded as a link: the capsule keeps the link, never what it points to.
-            entry["symlink"] = os.readlink(src)
+            # Recorded as a link and kept as one: never followed out of the root.
+            entry["symlink"] = target = os.readlink(src)
+            if spec.hash and src.exists() and _is_inside(src.resolve(), root.resolve()):
+                entry["file_hash"] = hash_file(src, spec.hash)
+            elif spec.hash:
+                entry["note"] = "the link points outside the root or nowhere; not hashed"
             if spec.copy or spec.move:
-                dest = capsule / stored_name(spec.path, reserved)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(entry["symlink"], dest)
-                entry["stored_as"] = stored_name(spec.path, reserved)
+                entry["stored_as"] = name = stored_name(spec.path, reserved)
+                (capsule / name).parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(target, capsule / name)
                 if spec.move:
                     src.unlink()
-            if spec.hash and src.exists():
-                entry["file_hash"] = hash_file(src if src.exists() else dest, spec.hash)
             return entry
         entry["size"] = src.stat().st_size
         if spec.copy or spec.move:
@@ -1582,6 +1598,8 @@ def monitor_command(
         status = run_status(code, signum=signum, interrupted_by=router.received)
         if router.received is not None:
             code = 128 + router.received
+        elif run["error"] and code == 0:  # the run went well but its record is incomplete
+            code = 1
         return code, _finish_command(capsule, run, files, status=status)
 
 
@@ -1592,9 +1610,17 @@ def _finish_command(capsule: Capsule, run: dict[str, JSON], files: dict[str, JSO
     post.update(status=status, run_time_seconds=round(run_time, 6), **run)
     if capsule.warnings:
         post["warnings"] = capsule.warnings
-    write_json(capsule.path / POST_RUN, post)
+    try:
+        write_json(capsule.path / POST_RUN, post)
+    except VaultError as exc:  # a full disk: keep the record, without the inline output text
+        post.update(stdout="", stderr="", error=f"{post['error'] or ''} {exc}".strip())
+        write_json(capsule.path / POST_RUN, post)
     capsule.write_manifest(
-        status=status, finished=post["timestamp"], exit_code=post["exit_code"], run_time=post["run_time_seconds"]
+        status=status,
+        finished=post["timestamp"],
+        exit_code=post["exit_code"],
+        run_time=post["run_time_seconds"],
+        error=post["error"],
     )
     return capsule
 
@@ -2000,7 +2026,8 @@ def verify_capsule(record: Record, *, runner: Runner = run_process) -> tuple[lis
 
     root = Path(str(record.context.get("root_directory") or os.getcwd()))
     config = _config_from_record(record, root)
-    with tempfile.TemporaryDirectory(prefix="capsula-verify-") as tmp:
+    # The temporary index and patches live in the vault (nothing is written outside it).
+    with tempfile.TemporaryDirectory(prefix=".verify-", dir=record.path.parent) as tmp:
         now_ctx = Capsule(path=Path(tmp), config=config, context={}, manifest={}, warnings=[])
         current = collect_context(now_ctx, os.environ, runner=runner, in_place=True)
         now_diffs = {
@@ -2200,9 +2227,10 @@ def _cmd_monitor(args: Any) -> int:
     config = load_config(args.directory)
     code, capsule = monitor_command(command, config=config, items=args.item)
     if capsule is not None:
-        error = json.loads((capsule.path / POST_RUN).read_bytes()).get("error") if code in (126, 127) else None
+        error = capsule.manifest.get("error")
         if error:
-            print(f"capsula: error: {error}; check the spelling and PATH (recorded in {capsule.path})", file=sys.stderr)
+            hint = "check the spelling and PATH" if code in (126, 127) else "check free space and permissions"
+            print(f"capsula: error: {error}; {hint} (recorded in {capsule.path})", file=sys.stderr)
         elif not args.quiet:
             print(f"capsula: capsule {capsule.path}", file=sys.stderr)
     return code
