@@ -1052,10 +1052,15 @@ def capture_file(
             entry["moved" if spec.move else "copied"] = True
         elif spec.hash:
             entry["file_hash"] = hash_file(src, spec.hash)
-    except OSError as exc:
-        warn(f"{spec.path}: {user_error_text(exc)}; the file was not captured", warnings)
+    except OSError as exc:  # the file exists but could not be stored: the caller fails the capsule
         entry["error"] = user_error_text(exc)
     return entry
+
+
+def file_errors(files: Mapping[str, JSON]) -> str | None:
+    """One line naming the listed files that exist but could not be hashed or stored."""
+    bad = [f"{path} ({e['error']})" for path, e in files.items() if isinstance(e, dict) and e.get("error")]
+    return f"could not store {', '.join(bad)}" if bad else None
 
 
 def capture_files(
@@ -1266,10 +1271,16 @@ def capture(
         write_json(path / CONTEXT, capsule.context)
         capsule.write_manifest(status=status, finished=now().isoformat(), error=str(exc) or type(exc).__name__)
         raise
-    capsule.context = {**context, **extra, "config": config.as_dict(), "status": "completed"}
+    error = file_errors(context["files"])
+    capsule.context = {**context, **extra, "config": config.as_dict(), "status": "failed" if error else "completed"}
     if capsule.warnings:
         capsule.context["warnings"] = list(capsule.warnings)
+    if error:
+        capsule.context["error"] = error
     write_json(path / CONTEXT, capsule.context)
+    if error:
+        capsule.write_manifest(status="failed", finished=now().isoformat(), error=error)
+        raise CaptureError(f"{error}; check free space and permissions (the capsule {path} is marked failed)")
     git = {n: {"sha": g.get("sha"), "dirty": g.get("dirty")} for n, g in context["git"].items() if isinstance(g, dict)}
     capsule.write_manifest(
         git=git, **({"status": "completed", "finished": now().isoformat()} if kind == "capture" else {})
@@ -1592,6 +1603,7 @@ def monitor_command(
             files = _capture_items(capsule, items)
         except Interrupted:
             pass  # the file being moved is still at its source, or complete in the capsule
+        run["error"] = " ".join(filter(None, [run["error"], file_errors(files)])) or None
         router.hold = True
         code = int(run["exit_code"])
         signum = signal.Signals[run["signal"]].value if run["signal"] else None
@@ -1730,6 +1742,9 @@ def _finish_function(
     capsule: Capsule, run_time: float, items: Sequence[str], outcome: BaseException | None, value: Any
 ) -> None:
     files = _capture_items(capsule, items)
+    error = file_errors(files)
+    if error:  # the function's own outcome reaches the caller; the record says what is missing
+        warn(f"{error} (capsule {capsule.path})", capsule.warnings)
     post = _post_run_base(capsule, run_time, files)
     post["return_value"] = jsonable(value)
     post["exception_info"] = _exception_info(outcome) if outcome is not None else None

@@ -239,8 +239,10 @@ def test_full_disk_at_capture_is_an_error_and_nothing_runs(repo: Path, tmp_path:
     )
     assert (repo / "big.txt").stat().st_size == 2 << 20  # the source is intact
     err = result.stderr.decode()
-    assert "Traceback" not in err and ("File too large" in err or "big.txt" in err)
+    assert result.returncode == 1 and err.count("\n") == 1
+    assert "could not store big.txt (File too large)" in err and "Traceback" not in err
     capsule = only_capsule(repo / "vault")
+    assert load(capsule / "context.json")["status"] == "failed" and load(capsule / "capsule.json")["status"] == "failed"
     assert not [p for p in capsule.iterdir() if p.name.endswith(".part")]
     all_json_valid(capsule)
 
