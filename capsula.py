@@ -71,6 +71,10 @@ class CapsulaError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message: str) -> None:
+        # One line whatever a key, path or command's stderr holds.
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+
 
 class ConfigError(CapsulaError):
     """The configuration (or a command-line argument) is invalid."""
