@@ -21,26 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import datetime
-import difflib
-import fnmatch
 import functools
-import hashlib
 import json
 import os
-import platform
 import re
-import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+if TYPE_CHECKING:
+    import subprocess
+
+# Modules that only some commands need (subprocess, hashlib, tomllib, platform, shutil,
+# difflib, ...) are imported where they are used: `import capsula` stays cheap.
 
 __all__ = [
     "CapsulaError",
@@ -59,6 +57,7 @@ __version__ = "0.1.0"
 
 JSON = Any  # what json.loads returns; kept loose on purpose
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 # =============================================================================
@@ -157,6 +156,30 @@ def safe_repr(value: object) -> str:
     return text if len(text) <= 10_000 else text[:10_000] + "...<cut>"
 
 
+def in_background(fn: Callable[[], T]) -> Callable[[], T]:
+    """Start fn in a thread now; the returned callable waits for it and gives its result
+    (or raises its exception). For work that waits on a process or a disk."""
+    box: list[tuple[bool, Any]] = []
+
+    def target() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by join()
+            box.append((False, exc))
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+
+    def join() -> T:
+        thread.join()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    return join
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old file or the whole new one, never a part."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -196,6 +219,8 @@ def normalize_hash_name(name: str) -> str:
 
 def hash_file(path: Path, algorithm: str) -> str:
     """Hash a file in constant memory."""
+    import hashlib
+
     with open(path, "rb") as f:
         return hashlib.file_digest(f, normalize_hash_name(algorithm)).hexdigest()
 
@@ -249,8 +274,7 @@ def user_error_text(exc: OSError) -> str:
 CONFIG_NAME = "capsula.toml"
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class FileSpec:
+class FileSpec(NamedTuple):
     """One entry of ``[capture.files]`` or ``[monitor.item.NAME.files]``."""
 
     path: str
@@ -262,8 +286,7 @@ class FileSpec:
         return {"hash": self.hash, "copy": self.copy, "move": self.move}
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class Config:
+class Config(NamedTuple):
     """The effective configuration: every key has a default."""
 
     root: Path
@@ -276,7 +299,7 @@ class Config:
     environment_variables: tuple[str, ...] = ()
     files: tuple[FileSpec, ...] = ()
     git_repositories: tuple[tuple[str, str], ...] | None = None  # None: the root's repository
-    items: Mapping[str, tuple[FileSpec, ...]] = dataclasses.field(default_factory=dict)
+    items: Mapping[str, tuple[FileSpec, ...]] = {}  # never mutated
     secret_patterns: tuple[str, ...] = DEFAULT_SECRET_PATTERNS
     secret_allow: tuple[str, ...] = ()
     redact_arguments: bool = True
@@ -327,6 +350,8 @@ def _check_schema(raw: Mapping[str, Any], schema: Mapping[str, Any], *, where: s
         path = f"{where}.{key}" if where else key
         expected = schema.get(key, schema.get("*"))
         if expected is None:
+            import difflib
+
             close = difflib.get_close_matches(key, [k for k in schema if k != "*"], n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(k for k in schema)}"
             raise ConfigError(f"unknown key '{path}' in {source}; {hint}")
@@ -358,7 +383,7 @@ def _file_specs(raw: Mapping[str, Any], *, where: str, source: str, root: Path) 
             if not _hash_usable(name):
                 allowed = "md5, sha1, sha256, sha3, sha512, blake2b, ..."
                 raise ConfigError(f"{key} has unknown hash algorithm '{spec.hash}'; use one of {allowed}")
-            spec = dataclasses.replace(spec, hash=name)
+            spec = spec._replace(hash=name)
         if not path or "\0" in path:
             raise ConfigError(f"{key} is not a valid path; name a file relative to the root")
         if (spec.copy or spec.move) and not _is_inside(root / path, root):
@@ -368,6 +393,8 @@ def _file_specs(raw: Mapping[str, Any], *, where: str, source: str, root: Path) 
 
 
 def _hash_usable(name: str) -> bool:
+    import hashlib
+
     if name not in hashlib.algorithms_available or name.startswith("shake"):
         return False
     try:
@@ -446,6 +473,8 @@ def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> 
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib
+
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -473,13 +502,23 @@ def _config_table(path: Path) -> dict[str, Any] | None:
     return table
 
 
-def find_config(start: Path) -> Path | None:
+def _config_in(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The config file in one folder (capsula.toml first) and its Capsula tables."""
+    for name in (CONFIG_NAME, "pyproject.toml"):
+        candidate = folder / name
+        if candidate.is_file():
+            table = _config_table(candidate)
+            if table is not None:
+                return candidate, table
+    return None
+
+
+def find_config(start: Path) -> tuple[Path, dict[str, Any]] | None:
     """The nearest capsula.toml, or pyproject.toml with [tool.capsula], from start upward."""
-    for d in (start, *start.parents):
-        for name in (CONFIG_NAME, "pyproject.toml"):
-            candidate = d / name
-            if candidate.is_file() and _config_table(candidate) is not None:
-                return candidate
+    for folder in (start, *start.parents):
+        found = _config_in(folder)
+        if found:
+            return found
     return None
 
 
@@ -494,23 +533,16 @@ def load_config(directory: str | os.PathLike[str] | None = None, *, cwd: Path | 
     if directory is not None:
         given = (cwd / directory).absolute()
         if given.is_file():
-            source: Path | None = given
+            found: tuple[Path, dict[str, Any]] | None = (given, _config_table(given) or {})
         elif given.is_dir():
-            source = next(
-                (
-                    p
-                    for p in (given / CONFIG_NAME, given / "pyproject.toml")
-                    if p.is_file() and _config_table(p) is not None
-                ),
-                None,
-            )
+            found = _config_in(given)
         else:
             raise ConfigError(f"no such directory: {given}; pass -C the folder that holds {CONFIG_NAME}")
-        root = source.parent if source else given
+        root = found[0].parent if found else given
     else:
-        source = find_config(cwd)
-        root = source.parent if source else (_find_git_top(cwd) or cwd)
-    table = (_config_table(source) or {}) if source else {}
+        found = find_config(cwd)
+        root = found[0].parent if found else (_find_git_top(cwd) or cwd)
+    source, table = found if found else (None, {})
     return parse_config(table, root=root, source=source)
 
 
@@ -525,6 +557,8 @@ def run_process(
     args: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None, stdin: bytes | None = None
 ) -> subprocess.CompletedProcess[bytes]:
     """The one place collectors start a process; tests may pass another runner."""
+    import subprocess
+
     return subprocess.run(args, cwd=cwd, env=env, input=stdin, capture_output=True, check=False)
 
 
@@ -533,6 +567,11 @@ def warn(message: str, warnings: list[str] | None = None) -> None:
     print(f"capsula: warning: {message}", file=sys.stderr)
     if warnings is not None:
         warnings.append(message)
+
+
+def hostname() -> str:
+    """The node name, as hostname() gives it, without importing platform."""
+    return os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
 
 
 def read_boot_id() -> str | None:
@@ -557,8 +596,11 @@ def _executable_architecture() -> dict[str, str]:
     return {"bits": bits, "linkage": linkage}
 
 
-def collect_platform(processor: str) -> dict[str, JSON]:
-    """Platform and Python facts, under 0.0.19's keys."""
+def collect_platform() -> dict[str, JSON]:
+    """Platform and Python facts, under 0.0.19's keys. They do not change while the machine
+    is up, so the host cache keeps them (platform.processor() spawns `uname -p`)."""
+    import platform
+
     uname = platform.uname()
     build_no, build_date = platform.python_build()
     return {
@@ -568,7 +610,7 @@ def collect_platform(processor: str) -> dict[str, JSON]:
         "release": uname.release,
         "version": uname.version,
         "system": uname.system,
-        "processor": processor,
+        "processor": uname.processor,
         "python": {
             "executable_architecture": _executable_architecture(),
             "build_no": build_no,
@@ -587,6 +629,8 @@ def collect_environment(
     names: Sequence[str], environ: Mapping[str, str], *, patterns: Sequence[str], allow: Sequence[str]
 ) -> dict[str, str | None]:
     """Chosen variables by name or glob; unset names are null, secret-looking ones redacted."""
+    import fnmatch
+
     out: dict[str, str | None] = {}
     for name in names:
         if any(c in name for c in "*?["):
@@ -659,13 +703,16 @@ def collect_git(
     path = root / rel
     entry: dict[str, JSON] = {"path": rel, "sha": None, "branch": None, "remotes": []}
     try:
-        top_s, index_s = _git(runner, path, "rev-parse", "--show-toplevel", "--git-path", "index").decode().splitlines()
-        top, index = Path(top_s), path / index_s
+        # Three independent git calls: started together, they overlap.
+        rev_parse = in_background(lambda: _git(runner, path, "rev-parse", "--show-toplevel", "--git-path", "index"))
+        # exit code 1: no remote at all
+        config = in_background(lambda: _git(runner, path, "config", "-z", "--get-regexp", r"^remote\..*\.url$", ok=1))
         status = parse_git_status(
             _git(runner, path, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all")
         )
-        # exit code 1: no remote at all
-        remotes = _git(runner, path, "config", "-z", "--get-regexp", r"^remote\..*\.url$", ok=1)
+        top_s, index_s = rev_parse().decode().splitlines()
+        top, index = Path(top_s), path / index_s
+        remotes = config()
     except (CaptureError, OSError, ValueError) as exc:
         entry["error"] = str(exc)
         return entry
@@ -686,7 +733,10 @@ def collect_git(
     if diff_path is not None:
         entry["diff_file"] = diff_path.name
         try:
-            _write_git_diff(runner, top, index, diff_path, base=status["sha"] or EMPTY_TREE, untracked=untracked)
+            if entry["dirty"]:
+                _write_git_diff(runner, top, index, diff_path, base=status["sha"] or EMPTY_TREE, untracked=untracked)
+            else:  # nothing to diff: no need to ask git
+                write_bytes_atomic(diff_path, b"")
         except (CaptureError, OSError) as exc:
             entry["error"] = f"cannot write {diff_path.name}: {exc}"
     return entry
@@ -702,6 +752,8 @@ def _untracked_size(path: Path) -> int:
 def _write_git_diff(
     runner: Runner, top: Path, index: Path, diff_path: Path, *, base: str, untracked: list[str]
 ) -> None:
+    import shutil
+
     tmp_index = diff_path.with_name(f".{diff_path.name}.index")
     try:
         if untracked:
@@ -818,6 +870,8 @@ _ARCH_NAMES = {
 
 def cpu_from_system() -> dict[str, JSON]:
     """The standard-library fallback for py-cpuinfo: its keys wherever they can be had."""
+    import platform
+
     bits = 8 * (sys.maxsize.bit_length() + 1) // 8
     machine = platform.machine()
     info: dict[str, JSON] = {
@@ -852,10 +906,13 @@ class HostCache:
     """
 
     def __init__(self, vault: Path, cpuinfo_version: str | None) -> None:
+        import zlib  # a checksum is enough for a file name, and cheaper to import than hashlib
+
         boot = read_boot_id()
-        raw = f"{platform.node()}|{boot}|{sys.executable}|{sys.version}|{cpuinfo_version}"
-        self.path = vault / ".cache" / f"host-{hashlib.sha256(raw.encode()).hexdigest()[:16]}.json" if boot else None
-        self.data: dict[str, JSON] = (read_json(self.path) or {}) if self.path else {}
+        raw = f"{hostname()}|{boot}|{sys.executable}|{sys.version}|{cpuinfo_version}"
+        self.path = vault / ".cache" / f"host-{zlib.crc32(raw.encode()):08x}.json" if boot else None
+        cached = read_json(self.path) if self.path else None
+        self.data: dict[str, JSON] = cached if isinstance(cached, dict) and cached.get("key") == raw else {"key": raw}
 
     def get(self, key: str, compute: Callable[[], JSON]) -> JSON:
         if key not in self.data:
@@ -904,13 +961,11 @@ def collect_packages() -> dict[str, JSON]:
 
     out: dict[str, JSON] = {}
     for dist in metadata.distributions():
-        name = dist.metadata["Name"]
-        if not name:
-            continue
+        name, version = _name_and_version(dist.read_text("METADATA") or dist.read_text("PKG-INFO") or "")
         key = re.sub(r"[-_.]+", "-", name).lower()
-        if key in out:  # the first on sys.path wins, as at import time
+        if not name or key in out:  # the first on sys.path wins, as at import time
             continue
-        entry: dict[str, JSON] = {"name": name, "version": dist.version}
+        entry: dict[str, JSON] = {"name": name, "version": version}
         direct = dist.read_text("direct_url.json")
         if direct:
             with contextlib.suppress(ValueError, AttributeError):
@@ -923,8 +978,23 @@ def collect_packages() -> dict[str, JSON]:
     return dict(sorted(out.items()))
 
 
+def _name_and_version(metadata_text: str) -> tuple[str, str]:
+    """Name and Version from a METADATA header; dist.metadata would run the email parser
+    over every file, the slowest part of an inventory."""
+    fields: dict[str, str] = {}
+    for line in metadata_text.splitlines():
+        if not line:
+            break
+        key, sep, value = line.partition(": ")
+        if sep and key in ("Name", "Version"):
+            fields.setdefault(key, value.strip())
+    return fields.get("Name", ""), fields.get("Version", "")
+
+
 def run_pre_capture_command(command: str, *, cwd: Path, env: Mapping[str, str]) -> dict[str, JSON]:
     """Run one pre-capture command through the shell and record all of it."""
+    import subprocess
+
     start = time.perf_counter()
     result = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, check=False)
     return {
@@ -988,6 +1058,8 @@ def stored_name(rel: str, reserved: frozenset[str]) -> str:
 def copy_and_hash(src: Path, dest: Path, algorithm: str | None) -> str | None:
     """Copy src to dest through a temporary file, hashing the bytes as they are written:
     the hash is that of the stored copy, and dest is whole or absent."""
+    import hashlib
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     digest = hashlib.new(algorithm) if algorithm else None
@@ -1117,15 +1189,17 @@ def capsule_sort_key(path: Path) -> tuple[str, str]:
 # =============================================================================
 
 
-@dataclasses.dataclass(kw_only=True, slots=True)
 class Capsule:
     """A capsule being written: its directory, settings and what is known so far."""
 
-    path: Path
-    config: Config
-    context: dict[str, JSON]
-    manifest: dict[str, JSON]
-    warnings: list[str]
+    __slots__ = ("config", "context", "manifest", "path", "warnings")
+
+    def __init__(self, *, path: Path, config: Config, manifest: dict[str, JSON] | None = None) -> None:
+        self.path = path
+        self.config = config
+        self.context: dict[str, JSON] = {}
+        self.manifest: dict[str, JSON] = manifest or {}
+        self.warnings: list[str] = []
 
     def write_manifest(self, **updates: JSON) -> None:
         """capsule.json: the small summary that `capsula list` reads, kept current."""
@@ -1145,23 +1219,16 @@ def default_repositories(root: Path) -> tuple[tuple[str, str], ...]:
 
 
 def _in_thread(fn: Callable[[], JSON]) -> Callable[[], JSON]:
-    """Start fn in a thread; the returned callable joins it and gives its result or error."""
-    box: dict[str, JSON] = {}
+    """in_background, with a failure recorded as {"error": ...}: one collector failing
+    never aborts the others."""
 
-    def target() -> None:
+    def recorded() -> JSON:
         try:
-            box["value"] = fn()
-        except Exception as exc:  # noqa: BLE001 - one collector failing never aborts the others
-            box["value"] = {"error": f"{type(exc).__name__}: {exc}"}
+            return fn()
+        except Exception as exc:  # noqa: BLE001
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-
-    def join() -> JSON:
-        thread.join()
-        return box.get("value")
-
-    return join
+    return in_background(recorded)
 
 
 def collect_context(
@@ -1189,13 +1256,10 @@ def collect_context(
     }
     cpu = _in_thread(functools.partial(collect_cpu, cache)) if config.include_cpu else None
     packages = _in_thread(collect_packages) if config.include_packages else None
-    processor = str(
-        cache.get("processor", platform.processor) if sys.platform.startswith("linux") else platform.processor()
-    )
     context: dict[str, JSON] = {
         "root_directory": str(config.root),
         "cwd": os.getcwd(),
-        "platform": collect_platform(processor),
+        "platform": cache.get("platform", collect_platform),
         "environment_variables": collect_environment(
             config.environment_variables, environ, patterns=config.secret_patterns, allow=config.secret_allow
         ),
@@ -1227,7 +1291,7 @@ def _base_manifest(kind: str, started: datetime.datetime) -> dict[str, JSON]:
         "kind": kind,
         "status": "running",
         "started": started.isoformat(),
-        "host": platform.node(),
+        "host": hostname(),
         "pid": os.getpid(),
         "boot_id": read_boot_id(),
     }
@@ -1249,7 +1313,7 @@ def capture(
     environ = os.environ if environ is None else environ
     started = now()
     path = create_capsule_dir(config.vault, config.capsule_template, started)
-    capsule = Capsule(path=path, config=config, context={}, manifest=_base_manifest(kind, started), warnings=[])
+    capsule = Capsule(path=path, config=config, manifest=_base_manifest(kind, started))
     capsule.write_manifest()
     commands: list[JSON] = []
     extra: dict[str, JSON] = {
@@ -1286,9 +1350,10 @@ def capture(
         capsule.write_manifest(status="failed", finished=now().isoformat(), error=error)
         raise CaptureError(f"{error}; check free space and permissions (the capsule {path} is marked failed)")
     git = {n: {"sha": g.get("sha"), "dirty": g.get("dirty")} for n, g in context["git"].items() if isinstance(g, dict)}
-    capsule.write_manifest(
-        git=git, **({"status": "completed", "finished": now().isoformat()} if kind == "capture" else {})
-    )
+    if kind == "capture":
+        capsule.write_manifest(git=git, status="completed", finished=now().isoformat())
+    else:  # written with the run's own fields, next
+        capsule.manifest["git"] = git
     return capsule
 
 
@@ -1336,7 +1401,7 @@ class SignalRouter:
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
-    while view:
+    while len(view):
         view = view[os.write(fd, view) :]
 
 
@@ -1346,12 +1411,44 @@ class _Tee:
 
     def __init__(self, src: int, out_fd: int, path: Path) -> None:
         self.src, self.out_fd, self.path = src, out_fd, path
-        self.file_fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self.file_fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         self.size = 0
         self.error: str | None = None
         self.show = True
+        self.in_kernel = hasattr(os, "splice") and hasattr(os, "sendfile")
 
-    def feed(self, data: bytes) -> None:
+    def pump(self, buffer: memoryview) -> int:
+        """Move what the pipe holds (0 at its end). On Linux the bytes go pipe -> file ->
+        our own fd inside the kernel (splice, then sendfile from the page cache); where that
+        is refused, through one reused buffer."""
+        if self.in_kernel and self.file_fd is not None:
+            try:
+                n = os.splice(self.src, self.file_fd, len(buffer))
+            except OSError:  # unsupported here, or the file is full: the bytes are still in the pipe
+                self.in_kernel = False
+            else:
+                if n and self.show:
+                    self._show_saved(self.size, n)
+                self.size += n
+                return n
+        n = os.readv(self.src, [buffer])
+        if n:
+            self.feed(buffer[:n])
+        return n
+
+    def _show_saved(self, offset: int, count: int) -> None:
+        assert self.file_fd is not None
+        try:
+            while count:
+                sent = os.sendfile(self.out_fd, self.file_fd, offset, count)
+                offset, count = offset + sent, count - sent
+        except OSError:  # an O_APPEND or closed stdout: copy through memory, or stop showing
+            try:
+                _write_all(self.out_fd, os.pread(self.file_fd, count, offset))
+            except OSError:
+                self.show = False
+
+    def feed(self, data: memoryview) -> None:
         self.size += len(data)
         if self.show:
             try:
@@ -1429,6 +1526,7 @@ def _pump(proc: subprocess.Popen[bytes], tees: Sequence[_Tee]) -> tuple[int, Any
     status: int | None = None
     rusage: Any = None
     exited_at = 0.0
+    view = memoryview(bytearray(1 << 20))  # reused: no fresh pages for every read
     try:
         while True:
             streams = [k for k in sel.get_map().values() if k.data is not None]
@@ -1447,10 +1545,7 @@ def _pump(proc: subprocess.Popen[bytes], tees: Sequence[_Tee]) -> tuple[int, Any
                     _, status, rusage = os.wait4(proc.pid, 0)
                     exited_at = time.monotonic()
                     continue
-                data = os.read(key.fd, 1 << 20)
-                if data:
-                    key.data.feed(data)
-                else:
+                if not key.data.pump(view):
                     sel.unregister(key.fd)
             if status is None and pidfd is None:
                 pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
@@ -1468,6 +1563,8 @@ def run_command(
     args: Sequence[str], *, cwd: Path, env: Mapping[str, str], capsule: Path, router: SignalRouter
 ) -> dict[str, JSON]:
     """Run a command, teeing its output live into the capsule; record how it ended."""
+    import subprocess
+
     tees: list[_Tee] = []
     record: dict[str, JSON] = {"signal": None, "error": None, "resource_usage": None}
     start = time.perf_counter()
@@ -1532,7 +1629,7 @@ def _pre_run_base(capsule: Capsule, started: datetime.datetime, kind: str) -> di
         "cwd": os.getcwd(),
         "timestamp": started.isoformat(),
         "kind": kind,
-        "host": platform.node(),
+        "host": hostname(),
         "pid": os.getpid(),
         "boot_id": read_boot_id(),
         "capsula_version": __version__,
@@ -1558,6 +1655,8 @@ def _capture_items(capsule: Capsule, items: Sequence[str]) -> dict[str, JSON]:
 def check_items(config: Config, items: Sequence[str]) -> None:
     unknown = [i for i in items if i not in config.items]
     if unknown:
+        import difflib
+
         where = config.source or "the configuration (none was found)"
         known = ", ".join(config.items) or "none"
         close = difflib.get_close_matches(unknown[0], list(config.items), n=1)
@@ -1681,7 +1780,6 @@ def _safe_str(exc: BaseException) -> str:
 
 def monitor(
     directory: Callable[..., Any] | str | os.PathLike[str] | None = None,
-    /,
     *,
     items: Sequence[str] = (),
     include_return_value: bool = False,
@@ -1784,8 +1882,7 @@ DEFAULT_IGNORES = (
 )
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """A capsule read back: each file as far as it exists (a 0.0.19 capsule has no manifest)."""
 
     path: Path
@@ -1881,7 +1978,7 @@ def _seconds(duration: object) -> float | None:
 
 def list_capsules(vault: Path) -> list[dict[str, JSON]]:
     """Every capsule in the vault, newest first."""
-    host, boot = platform.node(), read_boot_id()
+    host, boot = hostname(), read_boot_id()
     rows = [summarize(vault / name, host=host, boot_id=boot) for name in list_capsule_names(vault)]
     rows.sort(key=lambda r: (str(r["started"] or ""), str(r["name"])), reverse=True)
     return rows
@@ -1929,6 +2026,8 @@ def flatten(data: JSON, prefix: str) -> dict[str, JSON]:
 
 
 def _ignored(path: str, patterns: Sequence[str]) -> bool:
+    import fnmatch
+
     short = path.split(".", 1)[1] if "." in path else path
     return any(
         p in (path, short)
@@ -1953,6 +2052,8 @@ def compare_fields(a: Mapping[str, JSON], b: Mapping[str, JSON], ignore: Sequenc
 
 
 def text_diff(a: bytes, b: bytes, label: str, *, limit: int = 200) -> list[str]:
+    import difflib
+
     if a == b:
         return []
     lines = list(
@@ -2047,7 +2148,7 @@ def verify_capsule(record: Record, *, runner: Runner = run_process) -> tuple[lis
     config = _config_from_record(record, root)
     # The temporary index and patches live in the vault (nothing is written outside it).
     with tempfile.TemporaryDirectory(prefix=".verify-", dir=record.path.parent) as tmp:
-        now_ctx = Capsule(path=Path(tmp), config=config, context={}, manifest={}, warnings=[])
+        now_ctx = Capsule(path=Path(tmp), config=config)
         current = collect_context(now_ctx, os.environ, runner=runner, in_place=True)
         now_diffs = {
             n: (Path(tmp) / f"{n}.diff").read_bytes() for n in current["git"] if (Path(tmp) / f"{n}.diff").exists()
@@ -2105,6 +2206,7 @@ def rebuilt_worktree(record: Record, *, runner: Runner = run_process) -> Iterato
     """A temporary git worktree (in the vault) at the recorded sha with the capsule's diff
     applied, untracked files included; removed afterwards, also on Ctrl-C. The user's own
     working tree, index and branches are not touched."""
+    import shutil
     import tempfile
 
     name, repo = _code_repo(record)
@@ -2130,6 +2232,8 @@ def rebuilt_worktree(record: Record, *, runner: Runner = run_process) -> Iterato
 
 def _restore_inputs(record: Record, root: Path) -> None:
     """Put the copied input files back, as they were when the capsule was made."""
+    import shutil
+
     for path, entry in (record.context.get("files") or {}).items():
         if isinstance(entry, dict) and entry.get("copied") and entry.get("stored_as"):
             dest = root / path
@@ -2179,7 +2283,7 @@ def rerun_capsule(record: Record, *, here: bool = False, quiet: bool = False) ->
             if (root / CONFIG_NAME).exists() or (root / "pyproject.toml").exists()
             else Config(root=root)
         )
-        config = dataclasses.replace(config, vault_directory=str(record.path.parent), items={**config.items, **items})
+        config = config._replace(vault_directory=str(record.path.parent), items={**config.items, **items})
         cwd = root / rel_cwd if not rel_cwd.startswith("..") else Path(str(record.pre.get("cwd")))
         code, capsule = monitor_command(
             args,
@@ -2288,7 +2392,7 @@ def _cmd_show(args: Any) -> int:
             )
         )
         return 0
-    row = summarize(r.path, host=platform.node(), boot_id=read_boot_id())
+    row = summarize(r.path, host=hostname(), boot_id=read_boot_id())
     plat, py = r.context.get("platform") or {}, (r.context.get("platform") or {}).get("python") or {}
     out = [
         f"capsule   {r.path}",
@@ -2371,59 +2475,85 @@ def _cmd_find(args: Any) -> int:
     return 0 if hits else 1
 
 
-def _build_parser() -> Any:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="capsula", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--version", action="version", version=f"capsula {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "-C", "--directory", metavar="DIR", help="the folder holding capsula.toml (default: search upward)"
-    )
-    sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
-    p = sub.add_parser("capture", parents=[common], help="capture the context into a new capsule")
-    p.set_defaults(handler=_cmd_capture)
-    p = sub.add_parser("monitor", parents=[common], help="run a command and record it in a new capsule")
+def _args_monitor(p: Any) -> None:
     p.add_argument("-i", "--item", action="append", default=[], metavar="NAME", help="a [monitor.item.NAME] to record")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the capsule's path on stderr")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command and its arguments")
-    p.set_defaults(handler=_cmd_monitor)
-    vault = argparse.ArgumentParser(add_help=False, parents=[common])
-    vault.add_argument("--vault", metavar="DIR", help="the vault to read (default: the config's)")
-    p = sub.add_parser("list", parents=[vault], help="list the capsules in the vault, newest first")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=_cmd_list)
-    p = sub.add_parser("show", parents=[vault], help="summarize one capsule")
+    p.add_argument("command", nargs="...", metavar="COMMAND", help="the command and its arguments")
+
+
+def _args_show(p: Any) -> None:
     p.add_argument("capsule", help="a path, a name, a unique prefix, latest or latest~N")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=_cmd_show)
-    p = sub.add_parser("diff", parents=[vault], help="compare two capsules (exit 1 when they differ)")
+
+
+def _args_diff(p: Any) -> None:
     p.add_argument("a", help="the first capsule")
     p.add_argument("b", help="the second capsule")
+    always = ", ".join(DEFAULT_IGNORES)
     p.add_argument(
         "--ignore",
         action="append",
         default=[],
         metavar="FIELD",
-        help=f"a dotted field (or glob) to leave out; always left out: {', '.join(DEFAULT_IGNORES)}",
+        help=f"a dotted field (or glob) to leave out; always left out: {always}",
     )
-    p.set_defaults(handler=_cmd_diff)
-    p = sub.add_parser("verify", parents=[vault], help="compare the current environment with a capsule")
-    p.add_argument("capsule")
-    p.set_defaults(handler=_cmd_verify)
-    p = sub.add_parser("rerun", parents=[vault], help="run a command capsule again and compare the result")
-    p.add_argument("capsule")
-    p.add_argument("--here", action="store_true", help="rerun in the current working tree (after a verify)")
-    p.set_defaults(handler=_cmd_rerun)
-    p = sub.add_parser("find", parents=[vault], help="which capsules recorded a file with this content")
-    p.add_argument("file")
-    p.set_defaults(handler=_cmd_find)
+
+
+# name: (help, handler, reads the vault, arguments)
+_COMMANDS: dict[str, tuple[str, Callable[[Any], int], bool, Callable[[Any], object] | None]] = {
+    "capture": ("capture the context into a new capsule", _cmd_capture, False, None),
+    "monitor": ("run a command and record it in a new capsule", _cmd_monitor, False, _args_monitor),
+    "list": (
+        "list the capsules in the vault, newest first",
+        _cmd_list,
+        True,
+        lambda p: p.add_argument("--json", action="store_true", help="print JSON"),
+    ),
+    "show": ("summarize one capsule", _cmd_show, True, _args_show),
+    "diff": ("compare two capsules (exit 1 when they differ)", _cmd_diff, True, _args_diff),
+    "verify": (
+        "compare the current environment with a capsule",
+        _cmd_verify,
+        True,
+        lambda p: p.add_argument("capsule"),
+    ),
+    "rerun": (
+        "run a command capsule again and compare the result",
+        _cmd_rerun,
+        True,
+        lambda p: (
+            p.add_argument("capsule"),
+            p.add_argument("--here", action="store_true", help="rerun in the current working tree (after a verify)"),
+        ),
+    ),
+    "find": ("which capsules recorded a file with this content", _cmd_find, True, lambda p: p.add_argument("file")),
+}
+
+
+def _build_parser(only: str | None = None) -> Any:
+    """The argument parser; with ``only``, just that subcommand (argparse is slow to build)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="capsula", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"capsula {__version__}")
+    sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
+    for name, (text, handler, reads_vault, add_arguments) in _COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("-C", "--directory", metavar="DIR", help="the folder holding capsula.toml (default: upward)")
+        if reads_vault:
+            p.add_argument("--vault", metavar="DIR", help="the vault to read (default: the config's)")
+        if add_arguments:
+            add_arguments(p)
+        p.set_defaults(handler=handler)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    args = _build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _build_parser(argv[0] if argv and argv[0] in _COMMANDS else None).parse_args(argv)
     try:
         return int(args.handler(args))
     except CapsulaError as exc:

@@ -38,6 +38,14 @@ def test_keys_of_0_0_19_and_the_return_value(repo: Path) -> None:
     assert (capsule / "context.json").exists()
 
 
+def test_0_0_19_keyword_form(repo: Path) -> None:
+    @capsula.monitor(directory=repo, include_return_value=True, items=())
+    def calc_pi(n: int) -> float:
+        return 3.0
+
+    assert calc_pi(1) == 3.0 and load(capsules(repo)[0] / "post-run-info.json")["return_value"] == 3.0
+
+
 def test_return_value_is_not_written_unless_asked(repo: Path) -> None:
     @capsula.monitor(repo)
     def secret() -> str:

@@ -1,0 +1,282 @@
+"""Capsula's speed and memory targets, measured side by side with their baselines.
+
+    python benchmarks/run.py            # everything (about a minute)
+    python benchmarks/run.py --quick    # fewer repetitions, smaller files
+
+Every number is a median over repeated whole-process runs on this machine, printed next to a
+baseline measured in the same run, and judged against its target (PASS/FAIL). The machine may
+be shared and noisy: read the ratios, not the milliseconds. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+# What the `capsula` console script runs: import the (cached) module, call main().
+CAPSULA = [PY, "-c", "import sys; from capsula import main; sys.exit(main())"]
+GIT_ENV = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@b"}
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, **GIT_ENV, "PYTHONPATH": str(REPO)}
+
+
+def wall(cmd: Sequence[str], *, cwd: Path, runs: int, stdout: int | None = subprocess.DEVNULL) -> float:
+    """Median wall time of a whole process, in seconds."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(cmd, cwd=cwd, env=env(), stdout=stdout, stderr=subprocess.DEVNULL, check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def median_of(fn: Callable[[], object], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_project(root: Path) -> Path:
+    """The examples' config without cpu and without pre-capture commands, in a fresh repository."""
+    root.mkdir(parents=True)
+    (root / "examples").mkdir()
+    shutil.copy(REPO / "examples" / "calc_pi.py", root / "examples")
+    shutil.copy(REPO / "pyproject.toml", root)
+    config = (REPO / "capsula.toml").read_text()
+    config = "\n".join(line for line in config.splitlines() if not line.startswith("pre-capture-commands"))
+    (root / "capsula.toml").write_text(config.replace('"requirements.txt" = { hash = "sha256", move = true }', ""))
+    (root / ".gitignore").write_text("vault/\n")
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "bench"]):
+        subprocess.run(["git", *args], cwd=root, env=env(), check=True)
+    return root
+
+
+def peak_rss_while_running(cmd: Sequence[str], *, cwd: Path, stdout_path: Path) -> tuple[float, int]:
+    """Wall time, and the peak RSS (VmHWM) of that one process (not its children)."""
+    peak = 0
+    with open(stdout_path, "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=out, stderr=subprocess.DEVNULL)
+
+        def sample() -> None:
+            nonlocal peak
+            while proc.poll() is None:
+                try:
+                    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            peak = max(peak, int(line.split()[1]) * 1024)
+                except OSError:
+                    return
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        proc.wait()
+        elapsed = time.perf_counter() - start
+        sampler.join()
+    return elapsed, peak
+
+
+class Report:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str, bool | None]] = []
+
+    def add(self, name: str, measured: str, baseline: str, target: str, ok: bool | None) -> None:
+        self.rows.append((name, measured, baseline, target, ok))
+        verdict = "" if ok is None else ("PASS" if ok else "FAIL")
+        print(f"{verdict:4}  {name}: {measured}  (baseline: {baseline}; target: {target})", flush=True)
+
+    def markdown(self) -> str:
+        lines = ["| measurement | capsula | baseline | target | result |", "| --- | --- | --- | --- | --- |"]
+        for name, measured, baseline, target, ok in self.rows:
+            lines.append(
+                f"| {name} | {measured} | {baseline} | {target} | {'-' if ok is None else ('PASS' if ok else 'FAIL')} |"
+            )
+        return "\n".join(lines)
+
+
+def bench_startup(report: Report, project: Path, runs: int) -> None:
+    bare = wall([PY, "-c", "pass"], cwd=project, runs=runs)
+    imported = wall([PY, "-c", "import capsula"], cwd=project, runs=runs)
+    above = (imported - bare) * 1e3
+    report.add("import capsula", f"+{above:.1f} ms", f"python -c pass {bare * 1e3:.1f} ms", "< 25 ms above", above < 25)
+    monitored = wall([*CAPSULA, "monitor", "-q", "--", "true"], cwd=project, runs=runs)
+    ratio = monitored / bare
+    report.add(
+        "capsula monitor -- true",
+        f"{monitored * 1e3:.1f} ms = {ratio:.2f}x",
+        f"{bare * 1e3:.1f} ms",
+        "<= 4x",
+        ratio <= 4,
+    )
+
+
+def bench_cpu(report: Report, project: Path, runs: int) -> None:
+    text = (project / "capsula.toml").read_text()
+    (project / "capsula.toml").write_text(text.replace("include-cpu = false", "include-cpu = true"))
+    try:
+        shutil.rmtree(project / "vault" / ".cache", ignore_errors=True)
+        first = wall([*CAPSULA, "capture"], cwd=project, runs=1)
+        later = wall([*CAPSULA, "capture"], cwd=project, runs=runs)
+    finally:
+        (project / "capsula.toml").write_text(text)
+    report.add("capture, include-cpu, first call", f"{first:.3f} s", "-", "-", None)
+    report.add("capture, include-cpu, later calls", f"{later:.3f} s", f"first {first:.3f} s", "<= 0.3 s", later <= 0.3)
+
+
+def bench_output(report: Report, project: Path, size_mb: int, runs: int) -> None:
+    chunk = 1 << 16
+    code = f"import os\nb = b'x' * {chunk - 1} + b'\\n'\nfor _ in range({size_mb << 20} // {chunk}): os.write(1, b)\n"
+    sink = project / "out.bin"
+    bare = statistics.median(
+        peak_rss_while_running([PY, "-c", code], cwd=project, stdout_path=sink)[0] for _ in range(runs)
+    )
+    samples = [
+        peak_rss_while_running([*CAPSULA, "monitor", "-q", PY, "-c", code], cwd=project, stdout_path=sink)
+        for _ in range(runs)
+    ]
+    wall_time = statistics.median(s[0] for s in samples)
+    peak = max(s[1] for s in samples)
+    ratio = wall_time / bare
+    tee = statistics.median(
+        peak_rss_while_running(
+            ["sh", "-c", f'{PY} -c "$0" | tee {project / "tee.bin"}', code], cwd=project, stdout_path=sink
+        )[0]
+        for _ in range(runs)
+    )
+    report.add(
+        f"{size_mb} MB of output, wall",
+        f"{wall_time:.2f} s = {ratio:.2f}x",
+        f"bare to a file {bare:.2f} s; `| tee file` {tee:.2f} s = {tee / bare:.2f}x",
+        "<= 3x",
+        ratio <= 3,
+    )
+    report.add(f"{size_mb} MB of output, capsula peak RSS", f"{peak / 2**20:.1f} MiB", "-", "< 30 MiB", peak < 30 << 20)
+
+
+def bench_hash(report: Report, workdir: Path, size_mb: int, runs: int) -> None:
+    sys.path.insert(0, str(REPO))
+    import capsula
+
+    big = workdir / "big.bin"
+    block = os.urandom(1 << 20)
+    with open(big, "wb") as f:
+        for _ in range(size_mb):
+            f.write(block)
+
+    def bare() -> str:
+        with open(big, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    assert capsula.hash_file(big, "sha256") == bare()
+    t_bare = median_of(bare, runs)
+    t_ours = median_of(lambda: capsula.hash_file(big, "sha256"), runs)
+    ratio = t_bare / t_ours
+    mbps = size_mb / t_ours
+    report.add(
+        f"sha256 of {size_mb} MiB",
+        f"{mbps:.0f} MiB/s = {ratio:.2f}x",
+        f"file_digest {size_mb / t_bare:.0f} MiB/s",
+        ">= 0.9x",
+        ratio >= 0.9,
+    )
+    dest = workdir / "capsule" / "big.bin"
+    start = time.perf_counter()
+    capsula.move_file(big, dest, None)
+    moved = time.perf_counter() - start
+    report.add(
+        f"move {size_mb} MiB within one filesystem",
+        f"{moved * 1e3:.2f} ms",
+        "a rename",
+        "< 50 ms",
+        moved < 0.05 and dest.stat().st_ino,
+    )
+
+
+def bench_decorator(report: Report, project: Path, calls: int) -> None:
+    code = (
+        "import time, capsula\n"
+        "def f(): return 1\n"
+        "g = capsula.monitor(directory='.')(f)\n"
+        f"t = time.perf_counter()\nfor _ in range({calls}): f()\nplain = time.perf_counter() - t\n"
+        f"t = time.perf_counter()\nfor _ in range({calls}): g()\nwrapped = time.perf_counter() - t\n"
+        f"print((wrapped - plain) / {calls})\n"
+    )
+    out = subprocess.run([PY, "-c", code], cwd=project, env=env(), capture_output=True, check=True).stdout
+    per_call = float(out) * 1e3
+    report.add("@capsula.monitor per-call overhead", f"{per_call:.1f} ms", "a plain call", "-", None)
+
+
+def bench_list(report: Report, workdir: Path, count: int, runs: int) -> None:
+    project = make_project(workdir / "listing")
+    subprocess.run([*CAPSULA, "monitor", "-q", "true"], cwd=project, env=env(), check=True)
+    vault = project / "vault"
+    (seed,) = [p for p in vault.iterdir() if not p.name.startswith(".")]
+    for i in range(count - 1):
+        shutil.copytree(seed, vault / f"{seed.name}_{i:05d}")
+    elapsed = wall([*CAPSULA, "list"], cwd=project, runs=runs)
+    listed = subprocess.run([*CAPSULA, "list", "--json"], cwd=project, env=env(), capture_output=True, check=True)
+    rows = len(json.loads(listed.stdout))
+    report.add(f"capsula list, {rows} capsules", f"{elapsed:.3f} s", "-", "< 1 s", elapsed < 1 and rows == count)
+
+
+def bench_packages(report: Report, project: Path, runs: int) -> None:
+    ours = wall([PY, "-c", "import capsula; capsula.collect_packages()"], cwd=project, runs=runs)
+    pip = wall([PY, "-m", "pip", "freeze"], cwd=project, runs=max(3, runs // 3))
+    ratio = pip / ours
+    report.add(
+        "installed packages",
+        f"{ours * 1e3:.0f} ms = {ratio:.1f}x faster",
+        f"pip freeze {pip * 1e3:.0f} ms",
+        ">= 4x faster",
+        ratio >= 4,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller files")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
+    args = parser.parse_args(argv)
+    runs = 5 if args.quick else 21
+    import py_compile
+
+    py_compile.compile(str(REPO / "capsula.py"), cfile=None, doraise=True)  # as an install would
+    report = Report()
+    with tempfile.TemporaryDirectory(prefix="capsula-bench-") as tmp:
+        work = Path(tmp)
+        project = make_project(work / "project")
+        bench_startup(report, project, runs)
+        bench_cpu(report, project, 3 if args.quick else 7)
+        bench_output(report, project, 50 if args.quick else 200, 1 if args.quick else 3)
+        bench_hash(report, work, 128 if args.quick else 1024, 1 if args.quick else 3)
+        bench_decorator(report, project, 20 if args.quick else 100)
+        bench_list(report, work, 1000 if args.quick else 10_000, 3 if args.quick else 5)
+        bench_packages(report, project, runs)
+    if args.markdown:
+        Path(args.markdown).write_text(report.markdown() + "\n")
+    print()
+    print(report.markdown())
+    return 0 if all(ok is not False for *_, ok in report.rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
