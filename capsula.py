@@ -21,24 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import datetime
 import functools
 import json
 import os
 import re
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 if TYPE_CHECKING:
+    import datetime
     import subprocess
 
 # Modules that only some commands need (subprocess, hashlib, tomllib, platform, shutil,
-# difflib, ...) are imported where they are used: `import capsula` stays cheap.
+# difflib, datetime, threading ...) are imported where they are used: `import capsula`
+# stays cheap (benchmarks/run.py holds it to 25 ms above a bare interpreter start).
 
 __all__ = [
     "CapsulaError",
@@ -119,6 +119,8 @@ DEFAULT_SECRET_PATTERNS = (
 
 def now() -> datetime.datetime:
     """The current time, aware, in the local time zone (as 0.0.19 did)."""
+    import datetime
+
     return datetime.datetime.now(datetime.UTC).astimezone()
 
 
@@ -167,6 +169,8 @@ def in_background(fn: Callable[[], T]) -> Callable[[], T]:
         except BaseException as exc:  # noqa: BLE001 - handed to the caller by join()
             box.append((False, exc))
 
+    import threading
+
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
 
@@ -182,6 +186,8 @@ def in_background(fn: Callable[[], T]) -> Callable[[], T]:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old file or the whole new one, never a part."""
+    import threading
+
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
@@ -1388,6 +1394,8 @@ class SignalRouter:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[SignalRouter]:
+        import threading
+
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -2531,29 +2539,49 @@ _COMMANDS: dict[str, tuple[str, Callable[[Any], int], bool, Callable[[Any], obje
 
 
 def _build_parser(only: str | None = None) -> Any:
-    """The argument parser; with ``only``, just that subcommand (argparse is slow to build)."""
+    """The argument parser; with ``only``, just that subcommand's (argparse is slow to build,
+    and `capsula monitor` should cost little more than the command it runs)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="capsula", description=__doc__.splitlines()[0] if __doc__ else None)
+    def formatter(prog: str) -> argparse.HelpFormatter:
+        # HelpFormatter would import shutil (and bz2, lzma ...) just for the terminal width.
+        try:
+            columns = (
+                int(os.environ.get("COLUMNS", "")) if os.environ.get("COLUMNS") else os.get_terminal_size().columns
+            )
+        except (OSError, ValueError):
+            columns = 80
+        return argparse.HelpFormatter(prog, width=columns - 2)
+
+    description = __doc__.splitlines()[0] if __doc__ else None
+    parser = argparse.ArgumentParser(prog="capsula", description=description, formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"capsula {__version__}")
-    sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND") if only is None else None
     for name, (text, handler, reads_vault, add_arguments) in _COMMANDS.items():
         if only is not None and name != only:
             continue
-        p = sub.add_parser(name, help=text, description=text)
+        if sub is not None:
+            p = sub.add_parser(name, help=text, description=text, formatter_class=formatter)
+        else:  # alone: the same parser as `capsula NAME ...` would reach, without building the rest
+            p = argparse.ArgumentParser(prog=f"capsula {name}", description=text, formatter_class=formatter)
         p.add_argument("-C", "--directory", metavar="DIR", help="the folder holding capsula.toml (default: upward)")
         if reads_vault:
             p.add_argument("--vault", metavar="DIR", help="the vault to read (default: the config's)")
         if add_arguments:
             add_arguments(p)
         p.set_defaults(handler=handler)
+        if sub is None:
+            return p
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _build_parser(argv[0] if argv and argv[0] in _COMMANDS else None).parse_args(argv)
+    if argv and argv[0] in _COMMANDS:
+        args = _build_parser(argv[0]).parse_args(argv[1:])
+    else:
+        args = _build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
     except CapsulaError as exc:

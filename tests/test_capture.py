@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -298,3 +299,66 @@ def test_json_writes_leave_no_partial_file(tmp_path: Path, monkeypatch: pytest.M
         capsula.write_json(target, {"new": 2})
     assert load(target) == {"old": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def fake_distribution(site: Path, name: str, version: str, *, url: str | None = None) -> None:
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n\nLong: text\n")
+    if url:
+        (info / "direct_url.json").write_text(json.dumps({"url": url, "dir_info": {"editable": True}}))
+
+
+def test_include_packages_records_installed_distributions(repo: Path, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    fake_distribution(site, "fake-dep", "1.2.3")
+    fake_distribution(site, "my-editable", "0.1", url="https://user:pw@example.com/src")
+    write_config(repo, "[capture]\ninclude-packages = true\n")
+    result = run_capsula("capture", cwd=repo, env={**os.environ, "PYTHONPATH": str(site)})
+    packages = load(Path(result.stdout.decode().strip()) / "context.json")["packages"]
+    assert packages["fake-dep"] == {"name": "fake-dep", "version": "1.2.3"}
+    assert (
+        packages["my-editable"]["editable"] is True and packages["my-editable"]["source"] == "https://example.com/src"
+    )
+
+
+def test_cpu_and_platform_facts_are_cached_per_boot_and_the_clock_is_fresh(repo: Path) -> None:
+    if capsula.read_boot_id() is None:
+        pytest.skip("no boot id on this system")
+    write_config(repo, "[capture]\ninclude-cpu = true\n")
+    first = load(capture(repo) / "context.json")
+    (cache_file,) = (repo / "vault" / ".cache").iterdir()
+    cached = load(cache_file)
+    assert cached["platform"] == first["platform"]
+    cached["platform"]["release"] = "from-the-cache"
+    if "cpu" in cached:
+        cached["cpu"]["brand_raw"] = "from-the-cache"
+        cached["cpu"]["hz_actual"] = [1, 0]
+    cache_file.write_text(json.dumps(cached))
+    second = load(capture(repo) / "context.json")
+    assert second["platform"]["release"] == "from-the-cache"  # read from the cache, not recomputed
+    if "cpu" in cached:
+        assert second["cpu"]["brand_raw"] == "from-the-cache"
+        assert second["cpu"].get("hz_actual") != [1, 0]  # the current clock is read fresh
+    cached["key"] = "another boot"
+    cache_file.write_text(json.dumps(cached))
+    third = load(capture(repo) / "context.json")
+    assert third["platform"]["release"] == first["platform"]["release"]  # another key: recomputed
+
+
+def test_no_file_or_uname_spawned_once_facts_are_cached(repo: Path, tmp_path: Path) -> None:
+    if capsula.read_boot_id() is None:
+        pytest.skip("no boot id on this system")
+    bin_dir, log = tmp_path / "bin", tmp_path / "spawned.log"
+    bin_dir.mkdir()
+    for tool in ("file", "uname"):
+        fake = bin_dir / tool
+        fake.write_text(f"#!/bin/sh\necho {tool} >> {log}\necho unknown\n")
+        fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    assert run_capsula("capture", cwd=repo, env=env).returncode == 0
+    first = log.read_text().split() if log.exists() else []
+    assert "file" not in first  # platform.architecture() is not used: no `file` spawn
+    log.unlink(missing_ok=True)
+    assert run_capsula("capture", cwd=repo, env=env).returncode == 0
+    assert not log.exists()  # the second capture spawns neither

@@ -209,3 +209,20 @@ def test_capsules_of_0_0_19_are_read_as_far_as_they_go(tmp_path: Path) -> None:
     out = ok_or_diff(run_capsula("diff", "monitor-cli", "monitor-decorator", "--vault", str(vault), cwd=tmp_path))
     assert "pre.function_name" in out
     assert load(vault / "monitor-cli" / "post-run-info.json")["stdout"] in out or "stdout" in out
+
+
+def test_diff_and_verify_compare_installed_packages(project: Path, tmp_path: Path) -> None:
+    from test_capture import fake_distribution
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    fake_distribution(old, "fake-dep", "1.0")
+    fake_distribution(new, "fake-dep", "2.0")
+    write_config(project, "[capture]\ninclude-packages = true\n")
+    ok(run_capsula("capture", cwd=project, env={**os.environ, "PYTHONPATH": str(old)}))
+    ok(run_capsula("capture", cwd=project, env={**os.environ, "PYTHONPATH": str(new)}))
+    out = ok_or_diff(run_capsula("diff", "latest~1", "latest", cwd=project))
+    assert 'context.packages.fake-dep.version: "1.0" -> "2.0"' in out
+    verified = run_capsula("verify", "latest~1", cwd=project, env={**os.environ, "PYTHONPATH": str(new)})
+    assert verified.returncode == 1 and "context.packages.fake-dep.version" in verified.stdout.decode()
+    same = run_capsula("verify", "latest", cwd=project, env={**os.environ, "PYTHONPATH": str(new)})
+    assert same.returncode == 0, same.stdout
