@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import functools
 import json
 import os
@@ -161,6 +162,8 @@ def safe_repr(value: object) -> str:
 def in_background(fn: Callable[[], T]) -> Callable[[], T]:
     """Start fn in a thread now; the returned callable waits for it and gives its result
     (or raises its exception). For work that waits on a process or a disk."""
+    import threading
+
     box: list[tuple[bool, Any]] = []
 
     def target() -> None:
@@ -168,8 +171,6 @@ def in_background(fn: Callable[[], T]) -> Callable[[], T]:
             box.append((True, fn()))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller by join()
             box.append((False, exc))
-
-    import threading
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
@@ -194,10 +195,12 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         with open(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:  # a signal mid-write too: never leave the temporary file
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise VaultError(f"cannot write {path}: {exc.strerror or exc}; check free space and permissions") from exc
+        if isinstance(exc, OSError):
+            raise VaultError(f"cannot write {path}: {user_error_text(exc)}; check free space and permissions") from exc
+        raise
 
 
 def write_json(path: Path, data: JSON) -> None:
@@ -315,19 +318,13 @@ class Config(NamedTuple):
         return self.root / self.vault_directory
 
     def as_dict(self) -> dict[str, JSON]:
-        """The settings a capsule records, so that verify and rerun can use them later."""
+        """The settings a capsule records, so that verify and rerun can use them later
+        (the items are recorded with each run that names them)."""
+        settings = {k: v for k, v in self._asdict().items() if k not in ("root", "items")}
         return {
-            "source": str(self.source) if self.source else None,
-            "vault_directory": self.vault_directory,
-            "capsule_template": self.capsule_template,
-            "include_cpu": self.include_cpu,
-            "include_packages": self.include_packages,
-            "pre_capture_commands": list(self.pre_capture_commands),
-            "environment_variables": list(self.environment_variables),
+            **settings,
+            "source": str(self.source or "") or None,
             "files": {f.path: f.as_dict() for f in self.files},
-            "secret_patterns": list(self.secret_patterns),
-            "secret_allow": list(self.secret_allow),
-            "redact_arguments": self.redact_arguments,
         }
 
 
@@ -576,7 +573,7 @@ def warn(message: str, warnings: list[str] | None = None) -> None:
 
 
 def hostname() -> str:
-    """The node name, as hostname() gives it, without importing platform."""
+    """The node name, as platform.node() gives it, without importing platform."""
     return os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
 
 
@@ -671,15 +668,15 @@ def parse_git_status(out: bytes) -> dict[str, JSON]:
     return {"sha": sha, "branch": branch, "changed": changed, "untracked": untracked}
 
 
-def _git_env(**extra: str) -> dict[str, str]:
+def _git(
+    runner: Runner, cwd: Path, *args: str, stdin: bytes | None = None, ok: int = 0, index: Path | None = None
+) -> bytes:
     # GIT_DIR & co. from a hook or a wrapper would point git at another repository.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env.update(LC_ALL="C", GIT_OPTIONAL_LOCKS="0", GIT_LITERAL_PATHSPECS="1", **extra)
-    return env
-
-
-def _git(runner: Runner, cwd: Path, *args: str, stdin: bytes | None = None, ok: int = 0, **env: str) -> bytes:
-    result = runner(["git", *args], cwd=cwd, env=_git_env(**env), stdin=stdin)
+    env.update(LC_ALL="C", GIT_OPTIONAL_LOCKS="0", GIT_LITERAL_PATHSPECS="1")
+    if index is not None:
+        env["GIT_INDEX_FILE"] = str(index)
+    result = runner(["git", *args], cwd=cwd, env=env, stdin=stdin)
     if result.returncode not in (0, ok):
         msg = result.stderr.decode(errors="replace").strip().splitlines()
         raise CaptureError(f"git {args[0]} failed in {cwd}: {msg[-1] if msg else result.returncode}")
@@ -687,6 +684,8 @@ def _git(runner: Runner, cwd: Path, *args: str, stdin: bytes | None = None, ok: 
 
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+GIT_DIFF = ("diff", "--binary", "--no-color", "--no-ext-diff", "--no-textconv", "--src-prefix=a/", "--dst-prefix=b/")
+GIT_ADD_INTENT = ("add", "--intent-to-add", "--pathspec-from-file=-", "--pathspec-file-nul")
 
 
 def collect_git(
@@ -766,30 +765,8 @@ def _write_git_diff(
             if index.exists():
                 shutil.copyfile(index, tmp_index)
             paths = b"\0".join(os.fsencode(u) for u in untracked) + b"\0"
-            _git(
-                runner,
-                top,
-                "add",
-                "--intent-to-add",
-                "--pathspec-from-file=-",
-                "--pathspec-file-nul",
-                stdin=paths,
-                GIT_INDEX_FILE=str(tmp_index),
-            )
-        env = {"GIT_INDEX_FILE": str(tmp_index)} if untracked else {}
-        patch = _git(
-            runner,
-            top,
-            "diff",
-            "--binary",
-            "--no-color",
-            "--no-ext-diff",
-            "--no-textconv",
-            "--src-prefix=a/",
-            "--dst-prefix=b/",
-            base,
-            **env,  # type: ignore[arg-type]
-        )
+            _git(runner, top, *GIT_ADD_INTENT, stdin=paths, index=tmp_index)
+        patch = _git(runner, top, *GIT_DIFF, base, index=tmp_index if untracked else None)
         write_bytes_atomic(diff_path, patch)
     finally:
         with contextlib.suppress(OSError):
@@ -860,18 +837,8 @@ def read_sysfs_caches(cpu_dir: Path) -> dict[str, JSON]:
     return info
 
 
-_ARCH_NAMES = {
-    "x86_64": "X86_64",
-    "amd64": "X86_64",
-    "i386": "X86_32",
-    "i686": "X86_32",
-    "aarch64": "ARM_8",
-    "arm64": "ARM_8",
-    "ppc64le": "PPC_64",
-    "ppc64": "PPC_64",
-    "riscv64": "RISCV_64",
-    "s390x": "S390X",
-}
+_ARCH_NAMES = {"x86_64": "X86_64", "amd64": "X86_64", "i386": "X86_32", "i686": "X86_32", "aarch64": "ARM_8"}
+_ARCH_NAMES |= {"arm64": "ARM_8", "ppc64le": "PPC_64", "ppc64": "PPC_64", "riscv64": "RISCV_64", "s390x": "S390X"}
 
 
 def cpu_from_system() -> dict[str, JSON]:
@@ -907,15 +874,15 @@ def current_hz() -> int | None:
 class HostCache:
     """Facts that do not change while the machine is up, cached in the vault.
 
-    The key holds the host name, the boot id, the interpreter and the py-cpuinfo version,
+    The key holds the host name, the boot id, the interpreter and the py-cpuinfo install,
     so a reboot, another host (on a shared vault) or an upgrade reads them afresh.
     """
 
-    def __init__(self, vault: Path, cpuinfo_version: str | None) -> None:
+    def __init__(self, vault: Path, cpuinfo_stamp: str | None) -> None:
         import zlib  # a checksum is enough for a file name, and cheaper to import than hashlib
 
         boot = read_boot_id()
-        raw = f"{hostname()}|{boot}|{sys.executable}|{sys.version}|{cpuinfo_version}"
+        raw = f"{hostname()}|{boot}|{sys.executable}|{sys.version}|{cpuinfo_stamp}"
         self.path = vault / ".cache" / f"host-{zlib.crc32(raw.encode()):08x}.json" if boot else None
         cached = read_json(self.path) if self.path else None
         self.data: dict[str, JSON] = cached if isinstance(cached, dict) and cached.get("key") == raw else {"key": raw}
@@ -930,22 +897,22 @@ class HostCache:
         return self.data[key]
 
 
-def _cpuinfo_version() -> str | None:
-    try:
-        from importlib.metadata import version
+def _cpuinfo_stamp() -> str | None:
+    """Which py-cpuinfo is installed (its file and mtime: an upgrade changes it), without
+    importing it or importlib.metadata; None when it is not."""
+    from importlib.util import find_spec
 
-        return version("py-cpuinfo")
-    except Exception:  # noqa: BLE001 - not installed, or broken metadata: use the fallback
-        return None
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        spec = find_spec("cpuinfo")
+        if spec is not None and spec.origin:
+            return f"{spec.origin}@{os.stat(spec.origin).st_mtime_ns}"
+    return None
 
 
-def collect_cpu(cache: HostCache) -> dict[str, JSON]:
+def collect_cpu(cache: HostCache, *, has_cpuinfo: bool) -> dict[str, JSON]:
     """py-cpuinfo's dict when it is installed (cached per boot), else the fallback; never raises."""
     try:
-        if cache.data.get("cpuinfo_version") is not None or _cpuinfo_version() is not None:
-            info = dict(cache.get("cpu", _cpuinfo_dict))
-        else:
-            info = cpu_from_system()
+        info = dict(cache.get("cpu", _cpuinfo_dict)) if has_cpuinfo else cpu_from_system()
     except Exception as exc:  # noqa: BLE001 - CPU facts are optional; record why they are missing
         return {"error": f"{type(exc).__name__}: {exc}"}
     hz = current_hz()
@@ -955,7 +922,7 @@ def collect_cpu(cache: HostCache) -> dict[str, JSON]:
 
 
 def _cpuinfo_dict() -> JSON:
-    import cpuinfo  # type: ignore[import-untyped,unused-ignore]  # optional extra: capsula[cpu]
+    import cpuinfo  # type: ignore[import-not-found,import-untyped,unused-ignore]  # optional: capsula[cpu]
 
     return dict(cpuinfo.get_cpu_info())
 
@@ -1094,7 +1061,7 @@ def move_file(src: Path, dest: Path, algorithm: str | None) -> str | None:
     try:
         os.rename(src, dest)
     except OSError as exc:
-        if exc.errno != 18:  # EXDEV: another filesystem
+        if exc.errno != errno.EXDEV:  # another filesystem: copy, then remove
             raise
         file_hash = copy_and_hash(src, dest, algorithm)
         src.unlink()
@@ -1244,7 +1211,8 @@ def collect_context(
     With in_place (verify), listed files are only hashed, never copied or moved."""
     config = capsule.config
     repos = config.git_repositories if config.git_repositories is not None else default_repositories(config.root)
-    cache = HostCache(config.vault, _cpuinfo_version() if config.include_cpu else None)
+    stamp = _cpuinfo_stamp() if config.include_cpu else None
+    cache = HostCache(config.vault, stamp)
     pending = {
         name: _in_thread(
             functools.partial(
@@ -1260,7 +1228,9 @@ def collect_context(
         )
         for name, rel in repos
     }
-    cpu = _in_thread(functools.partial(collect_cpu, cache)) if config.include_cpu else None
+    cpu = (
+        _in_thread(functools.partial(collect_cpu, cache, has_cpuinfo=stamp is not None)) if config.include_cpu else None
+    )
     packages = _in_thread(collect_packages) if config.include_packages else None
     context: dict[str, JSON] = {
         "root_directory": str(config.root),
@@ -1574,7 +1544,7 @@ def run_command(
     import subprocess
 
     tees: list[_Tee] = []
-    record: dict[str, JSON] = {"signal": None, "error": None, "resource_usage": None}
+    record: dict[str, JSON] = {"signal": None, "signal_number": None, "error": None, "resource_usage": None}
     start = time.perf_counter()
     try:
         proc = subprocess.Popen(
@@ -1607,8 +1577,9 @@ def run_command(
     run_time = time.perf_counter() - start
     proc.returncode = code = os.waitstatus_to_exitcode(status)
     if code < 0:
-        record["signal"] = signal.Signals(-code).name
-        code = 128 - code
+        with contextlib.suppress(ValueError):  # real-time signals have no name
+            record["signal"] = signal.Signals(-code).name
+        record["signal_number"], code = -code, 128 - code
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in KiB on Linux, bytes on macOS
     record["resource_usage"] = {
         "user_time": round(rusage.ru_utime, 6),
@@ -1680,7 +1651,6 @@ def monitor_command(
     rerun_of: str | None = None,
     cwd: Path | None = None,
     environ: Mapping[str, str] | None = None,
-    quiet: bool = False,
 ) -> tuple[int, Capsule | None]:
     """Capture the context, run the command and record the run; returns (exit code, capsule)."""
     check_items(config, items)
@@ -1704,11 +1674,25 @@ def monitor_command(
             pre["args_redacted"] = True
         if rerun_of:
             pre["rerun_of"] = rerun_of
-        write_json(capsule.path / PRE_RUN, pre)
-        capsule.write_manifest(command=shown, items=list(items), rerun_of=rerun_of)
-        run = run_command(
-            args, cwd=Path.cwd(), env={**environ, "CAPSULE_DIR": str(capsule.path)}, capsule=capsule.path, router=router
-        )
+        try:
+            write_json(capsule.path / PRE_RUN, pre)
+            capsule.write_manifest(command=shown, items=list(items), rerun_of=rerun_of)
+            run = run_command(
+                args,
+                cwd=Path.cwd(),
+                env={**environ, "CAPSULE_DIR": str(capsule.path)},
+                capsule=capsule.path,
+                router=router,
+            )
+        except Interrupted as exc:  # before the command started
+            run = {
+                "exit_code": 128 + exc.signum,
+                "run_time": 0.0,
+                "signal": None,
+                "signal_number": None,
+                "error": "interrupted before the command started",
+                "resource_usage": None,
+            }
         files: dict[str, JSON] = {}
         try:
             files = _capture_items(capsule, items)
@@ -1717,8 +1701,7 @@ def monitor_command(
         run["error"] = " ".join(filter(None, [run["error"], file_errors(files)])) or None
         router.hold = True
         code = int(run["exit_code"])
-        signum = signal.Signals[run["signal"]].value if run["signal"] else None
-        status = run_status(code, signum=signum, interrupted_by=router.received)
+        status = run_status(code, signum=run["signal_number"], interrupted_by=router.received)
         if router.received is not None:
             code = 128 + router.received
         elif run["error"] and code == 0:  # the run went well but its record is incomplete
@@ -1838,7 +1821,10 @@ def monitor(
             finally:
                 run_time = time.perf_counter() - start
                 _CURRENT_CAPSULE.reset(token)
-            _finish_function(capsule, run_time, items, outcome, result if include_return_value else None)
+            try:
+                _finish_function(capsule, run_time, items, outcome, result if include_return_value else None)
+            except CapsulaError as exc:  # the function's own outcome still reaches the caller
+                warn(f"the run was not fully recorded: {exc}")
             if outcome is not None:
                 raise outcome.with_traceback(outcome.__traceback__)
             return result
@@ -1958,7 +1944,7 @@ def summarize(path: Path, *, host: str, boot_id: str | None) -> dict[str, JSON]:
         "status": status,
         "exit_code": m.get("exit_code"),
         "run_time": m.get("run_time"),
-        "git": {n: g for n, g in (m.get("git") or {}).items()},
+        "git": dict(m.get("git") or {}),
         "command": " ".join(map(str, what)) if isinstance(what, list) else what,
         "rerun_of": m.get("rerun_of"),
     }
@@ -2101,7 +2087,7 @@ def diff_capsules(a: Record, b: Record, *, ignore: Sequence[str] = ()) -> list[s
             lines += text_diff(da.get(name, b""), db.get(name, b""), name)
     if a.kind == "command" or b.kind == "command":
         for name in (STDOUT, STDERR):
-            if not _ignored(f"post.{name.split('.')[0]}_text", ignore):
+            if not _ignored(name, ignore):
                 lines += text_diff(a.output(name), b.output(name), name)
     return lines
 
@@ -2136,7 +2122,6 @@ VERIFY_FIELDS = (
     "context.platform.system",
     "context.platform.machine",
     "context.platform.release",
-    "context.platform.node",
     "context.platform.python.implementation",
     "context.platform.python.version",
     "context.platform.python.executable",
@@ -2273,7 +2258,7 @@ def compare_runs(old: Record, new: Record) -> list[str]:
     return lines
 
 
-def rerun_capsule(record: Record, *, here: bool = False, quiet: bool = False) -> tuple[int, Record | None, list[str]]:
+def rerun_capsule(record: Record, *, here: bool = False) -> tuple[int, Record | None, list[str]]:
     """Run a command capsule again as a new monitored run; (exit code, new capsule, differences)."""
     args = _rerun_args(record)
     old_root = Path(str(record.context.get("root_directory") or os.getcwd()))
@@ -2286,11 +2271,7 @@ def rerun_capsule(record: Record, *, here: bool = False, quiet: bool = False) ->
         root = old_root if here else stack.enter_context(rebuilt_worktree(record))
         if not here:
             _restore_inputs(record, root)
-        config = (
-            load_config(root)
-            if (root / CONFIG_NAME).exists() or (root / "pyproject.toml").exists()
-            else Config(root=root)
-        )
+        config = load_config(root)
         config = config._replace(vault_directory=str(record.path.parent), items={**config.items, **items})
         cwd = root / rel_cwd if not rel_cwd.startswith("..") else Path(str(record.pre.get("cwd")))
         code, capsule = monitor_command(
@@ -2300,7 +2281,6 @@ def rerun_capsule(record: Record, *, here: bool = False, quiet: bool = False) ->
             rerun_of=record.path.name,
             cwd=cwd,
             environ=_recorded_environ(record),
-            quiet=quiet,
         )
     if capsule is None:
         return code, None, ["the rerun was interrupted before the command ran"]
@@ -2462,7 +2442,7 @@ def _cmd_rerun(args: Any) -> int:
             else f"the environment matches {record.path.name}",
             file=sys.stderr,
         )
-    code, new, diffs = rerun_capsule(record, here=args.here, quiet=True)
+    code, new, diffs = rerun_capsule(record, here=args.here)
     name = new.path.name if new else "-"
     if not diffs:
         print(f"reproduced identically: {name} matches {record.path.name} (exit code, output files, stdout)")
@@ -2587,6 +2567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CapsulaError as exc:
         print(f"capsula: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except (Interrupted, KeyboardInterrupt) as exc:  # Ctrl-C in list, show, diff ...: no traceback
+        return 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
 
 
 if __name__ == "__main__":
