@@ -42,18 +42,9 @@ if TYPE_CHECKING:
 # stays cheap (benchmarks/run.py holds it to 25 ms above a bare interpreter start).
 
 __all__ = [
-    "CapsulaError",
-    "CaptureError",
-    "Config",
-    "ConfigError",
-    "FileSpec",
-    "VaultError",
-    "capture",
-    "get_capsule_dir",
-    "load_config",
-    "main",
-    "monitor",
-]
+    "CapsulaError", "CaptureError", "Config", "ConfigError", "FileSpec", "VaultError",
+    "capture", "get_capsule_dir", "load_config", "main", "monitor",
+]  # fmt: skip
 __version__ = "0.1.0"
 
 JSON = Any  # what json.loads returns; kept loose on purpose
@@ -689,35 +680,32 @@ GIT_ADD_INTENT = ("add", "--intent-to-add", "--pathspec-from-file=-", "--pathspe
 
 
 def collect_git(
-    name: str,
-    rel: str,
-    *,
-    root: Path,
-    diff_path: Path | None,
-    vault: Path | None = None,
-    moved: Sequence[str] = (),
-    runner: Runner = run_process,
+    name: str, rel: str, *, config: Config, capsule_dir: Path, runner: Runner = run_process
 ) -> dict[str, JSON]:
-    """The state of one repository, and (into diff_path) every uncommitted change as a patch.
+    """The state of one repository, and (into ``<capsule_dir>/<name>.diff``) every
+    uncommitted change as a patch.
 
     The patch holds staged and unstaged changes, binary files, and untracked files that are
     not ignored (each up to UNTRACKED_LIMIT), so that ``git apply --binary`` of it on a
     clean checkout of ``sha`` recreates the working tree. The user's index is not touched:
     untracked files are added with --intent-to-add to a copy of it.
     """
+    root, diff_path = config.root, capsule_dir / f"{name}.diff"
     path = root / rel
     entry: dict[str, JSON] = {"path": rel, "sha": None, "branch": None, "remotes": []}
     try:
         # Three independent git calls: started together, they overlap.
         rev_parse = in_background(lambda: _git(runner, path, "rev-parse", "--show-toplevel", "--git-path", "index"))
         # exit code 1: no remote at all
-        config = in_background(lambda: _git(runner, path, "config", "-z", "--get-regexp", r"^remote\..*\.url$", ok=1))
+        remote_urls = in_background(
+            lambda: _git(runner, path, "config", "-z", "--get-regexp", r"^remote\..*\.url$", ok=1)
+        )
         status = parse_git_status(
             _git(runner, path, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all")
         )
         top_s, index_s = rev_parse().decode().splitlines()
         top, index = Path(top_s), path / index_s
-        remotes = config()
+        remotes = remote_urls()
     except (CaptureError, OSError, ValueError) as exc:
         entry["error"] = str(exc)
         return entry
@@ -727,23 +715,21 @@ def collect_git(
         for key, _, url in (rec.decode(errors="replace").partition("\n") for rec in remotes.split(b"\0") if rec)
     ]
     entry["root_in_repo"] = os.path.relpath(root, top)
-    if vault is not None:
-        inside = os.path.relpath(vault, top) + "/"
-        gone = {os.path.relpath(os.path.normpath(root / m), top) for m in moved}
-        status["untracked"] = [u for u in status["untracked"] if not (u + "/").startswith(inside) and u not in gone]
+    inside = os.path.relpath(config.vault, top) + "/"
+    gone = {os.path.relpath(os.path.normpath(root / f.path), top) for f in config.files if f.move}
+    status["untracked"] = [u for u in status["untracked"] if not (u + "/").startswith(inside) and u not in gone]
     untracked = [u for u in status["untracked"] if _untracked_size(top / u) <= UNTRACKED_LIMIT]
     entry["untracked"] = status["untracked"]
     entry["untracked_not_in_diff"] = sorted(set(status["untracked"]) - set(untracked))
     entry["dirty"] = bool(status["changed"] or status["untracked"])
-    if diff_path is not None:
-        entry["diff_file"] = diff_path.name
-        try:
-            if entry["dirty"]:
-                _write_git_diff(runner, top, index, diff_path, base=status["sha"] or EMPTY_TREE, untracked=untracked)
-            else:  # nothing to diff: no need to ask git
-                write_bytes_atomic(diff_path, b"")
-        except (CaptureError, OSError) as exc:
-            entry["error"] = f"cannot write {diff_path.name}: {exc}"
+    entry["diff_file"] = diff_path.name
+    try:
+        if entry["dirty"]:
+            _write_git_diff(runner, top, index, diff_path, base=status["sha"] or EMPTY_TREE, untracked=untracked)
+        else:  # nothing to diff: no need to ask git
+            write_bytes_atomic(diff_path, b"")
+    except (CaptureError, OSError) as exc:
+        entry["error"] = f"cannot write {diff_path.name}: {exc}"
     return entry
 
 
@@ -1118,43 +1104,12 @@ def capture_files(
     return {s.path: capture_file(s, root=root, capsule=capsule, reserved=reserved, warnings=warnings) for s in specs}
 
 
-def resolve_capsule(spec: str, vault: Path) -> Path:
-    """A capsule named by path, name, unique name prefix, or ``latest`` / ``latest~N``."""
-    direct = Path(spec)
-    if (direct / CONTEXT).exists() or (direct / MANIFEST).exists():
-        return direct.absolute()
-    names = list_capsule_names(vault)
-    match = re.fullmatch(r"latest(?:~(\d+))?", spec)
-    if match:
-        ordered = sorted(names, key=lambda n: capsule_sort_key(vault / n), reverse=True)
-        n = int(match[1] or 0)
-        if n >= len(ordered):
-            raise VaultError(f"{spec}: the vault {vault} holds {len(ordered)} capsule(s)")
-        return vault / ordered[n]
-    if spec in names:
-        return vault / spec
-    found = [n for n in names if n.startswith(spec)]
-    if len(found) == 1:
-        return vault / found[0]
-    if not found:
-        raise VaultError(f"no capsule {spec!r} in {vault}; run 'capsula list' to see the names")
-    raise VaultError(
-        f"{spec!r} matches {len(found)} capsules in {vault} ({', '.join(sorted(found)[:3])}, ...); give more of the name"
-    )
-
-
 def list_capsule_names(vault: Path) -> list[str]:
     try:
         with os.scandir(vault) as it:
             return [e.name for e in it if not e.name.startswith(".") and e.is_dir()]
     except OSError as exc:
         raise VaultError(f"cannot read the vault {vault}: {user_error_text(exc)}; pass --vault or -C") from exc
-
-
-def capsule_sort_key(path: Path) -> tuple[str, str]:
-    manifest = read_json(path / MANIFEST)
-    started = manifest.get("started") if isinstance(manifest, dict) else None
-    return (str(started or ""), path.name)
 
 
 # =============================================================================
@@ -1215,22 +1170,12 @@ def collect_context(
     cache = HostCache(config.vault, stamp)
     pending = {
         name: _in_thread(
-            functools.partial(
-                collect_git,
-                name,
-                rel,
-                root=config.root,
-                runner=runner,
-                vault=config.vault,
-                moved=[f.path for f in config.files if f.move],
-                diff_path=capsule.path / f"{name}.diff",
-            )
+            functools.partial(collect_git, name, rel, config=config, capsule_dir=capsule.path, runner=runner)
         )
         for name, rel in repos
     }
-    cpu = (
-        _in_thread(functools.partial(collect_cpu, cache, has_cpuinfo=stamp is not None)) if config.include_cpu else None
-    )
+    has_cpuinfo = stamp is not None
+    cpu = _in_thread(functools.partial(collect_cpu, cache, has_cpuinfo=has_cpuinfo)) if config.include_cpu else None
     packages = _in_thread(collect_packages) if config.include_packages else None
     context: dict[str, JSON] = {
         "root_directory": str(config.root),
@@ -1261,16 +1206,14 @@ def _hash_in_place(path: Path, algorithm: str | None) -> dict[str, JSON] | None:
         return None
 
 
+def _whoami() -> dict[str, JSON]:
+    """Who is writing this capsule: enough to tell later a run still going from one whose
+    Capsula process died (same host and boot, pid gone)."""
+    return {"capsula_version": __version__, "host": hostname(), "pid": os.getpid(), "boot_id": read_boot_id()}
+
+
 def _base_manifest(kind: str, started: datetime.datetime) -> dict[str, JSON]:
-    return {
-        "capsula_version": __version__,
-        "kind": kind,
-        "status": "running",
-        "started": started.isoformat(),
-        "host": hostname(),
-        "pid": os.getpid(),
-        "boot_id": read_boot_id(),
-    }
+    return {"kind": kind, "status": "running", "started": started.isoformat(), **_whoami()}
 
 
 def capture(
@@ -1608,10 +1551,7 @@ def _pre_run_base(capsule: Capsule, started: datetime.datetime, kind: str) -> di
         "cwd": os.getcwd(),
         "timestamp": started.isoformat(),
         "kind": kind,
-        "host": hostname(),
-        "pid": os.getpid(),
-        "boot_id": read_boot_id(),
-        "capsula_version": __version__,
+        **_whoami(),
     }
 
 
@@ -1862,18 +1802,12 @@ def _finish_function(
 # Reproduce
 # =============================================================================
 
+# Fields that differ between any two runs; `capsula diff` leaves them out.
 DEFAULT_IGNORES = (
-    "*timestamp",
-    "pre.pid",
-    "pre.boot_id",
-    "pre.rerun_of",
-    "post.run_time_seconds",
-    "post.resource_usage",
-    "post.stdout",  # compared as stdout.txt, with a unified diff
-    "post.stderr",
-    "context.cpu.hz_actual*",
-    "context.pre_capture_commands.*.duration",
-)
+    "*timestamp", "pre.pid", "pre.boot_id", "pre.rerun_of", "post.run_time_seconds", "post.resource_usage",
+    "post.stdout", "post.stderr",  # compared as stdout.txt / stderr.txt, with a unified diff
+    "context.cpu.hz_actual*", "context.pre_capture_commands.*.duration",
+)  # fmt: skip
 
 
 class Record(NamedTuple):
@@ -1907,32 +1841,26 @@ class Record(NamedTuple):
             return str(self.post.get(name.split(".")[0], "")).encode()
 
 
+def _manifest_from_files(path: Path) -> dict[str, JSON]:
+    """What capsule.json would say, for a 0.0.19 or incomplete capsule that has none."""
+    r = Record.read(path)
+    if not r.context and not r.pre:
+        return {"status": "unreadable"}
+    ended = r.post.get("exit_code", 0 if r.post.get("exception_info", 1) is None else 1)
+    status = (
+        ("completed" if ended == 0 else "failed") if r.post else ("completed" if r.kind == "capture" else "unknown")
+    )
+    git = {n: {"sha": g.get("sha")} for n, g in (r.context.get("git") or {}).items() if isinstance(g, dict)}
+    what = r.pre.get("function_name") if r.kind == "function" else r.pre.get("args")
+    return {"kind": r.kind, "status": status, "started": r.pre.get("timestamp"), "exit_code": r.post.get("exit_code"),
+            "run_time": _seconds(r.post.get("run_time")), "git": git, "command": what}  # fmt: skip
+
+
 def summarize(path: Path, *, host: str, boot_id: str | None) -> dict[str, JSON]:
     """One row of `capsula list`, read from capsule.json alone when it is there."""
-    m: dict[str, JSON] | None = read_json(path / MANIFEST)
-    if not isinstance(m, dict):  # a 0.0.19 or incomplete capsule: read the rest
-        r = Record.read(path)
-        ended = r.post.get("exit_code", 0 if r.post.get("exception_info", 1) is None else 1)
-        state = (
-            ("completed" if ended == 0 else "failed") if r.post else ("completed" if r.kind == "capture" else "unknown")
-        )
-        git = {
-            n: {"sha": g.get("sha"), "dirty": None}
-            for n, g in (r.context.get("git") or {}).items()
-            if isinstance(g, dict)
-        }
-        what = r.pre.get("function_name") if r.kind == "function" else r.pre.get("args")
-        m = {
-            "kind": r.kind,
-            "status": state,
-            "started": r.pre.get("timestamp"),
-            "exit_code": r.post.get("exit_code"),
-            "run_time": _seconds(r.post.get("run_time")),
-            "git": git,
-            "command": what,
-        }
-        if not r.context and not r.pre:
-            m["status"] = "unreadable"
+    m = read_json(path / MANIFEST)
+    if not isinstance(m, dict):
+        m = _manifest_from_files(path)
     status = m.get("status")
     if status == "running" and m.get("host") == host and (m.get("boot_id") != boot_id or not _pid_alive(m.get("pid"))):
         status = "died"
@@ -1978,6 +1906,31 @@ def list_capsules(vault: Path) -> list[dict[str, JSON]]:
     return rows
 
 
+def resolve_capsule(spec: str, vault: Path) -> Path:
+    """A capsule named by path, name, unique name prefix, or ``latest`` / ``latest~N``."""
+    direct = Path(spec)
+    if (direct / CONTEXT).exists() or (direct / MANIFEST).exists():
+        return direct.absolute()
+    match = re.fullmatch(r"latest(?:~(\d+))?", spec)
+    if match:
+        ordered = [str(row["name"]) for row in list_capsules(vault)]  # newest first
+        n = int(match[1] or 0)
+        if n >= len(ordered):
+            raise VaultError(f"{spec}: the vault {vault} holds {len(ordered)} capsule(s)")
+        return vault / ordered[n]
+    names = list_capsule_names(vault)
+    if spec in names:
+        return vault / spec
+    found = [n for n in names if n.startswith(spec)]
+    if len(found) == 1:
+        return vault / found[0]
+    if not found:
+        raise VaultError(f"no capsule {spec!r} in {vault}; run 'capsula list' to see the names")
+    raise VaultError(
+        f"{spec!r} matches {len(found)} capsules in {vault} ({', '.join(sorted(found)[:3])}, ...); give more of the name"
+    )
+
+
 def _short_git(git: Mapping[str, JSON]) -> str:
     parts = []
     for g in git.values():
@@ -1987,21 +1940,15 @@ def _short_git(git: Mapping[str, JSON]) -> str:
 
 
 def format_table(rows: Sequence[dict[str, JSON]]) -> str:
-    header = ("NAME", "STARTED", "KIND", "STATUS", "EXIT", "TIME", "GIT", "COMMAND")
-    lines = [header] + [
-        (
-            str(r["name"]),
-            str(r["started"] or "-")[:19].replace("T", " "),
-            str(r["kind"] or "-"),
-            str(r["status"] or "-"),
-            "-" if r["exit_code"] is None else str(r["exit_code"]),
-            "-" if r["run_time"] is None else f"{float(str(r['run_time'])):.2f}s",
-            _short_git(r["git"] or {}),
-            str(r["command"] or ""),
-        )
-        for r in rows
-    ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    def cells(r: Mapping[str, JSON]) -> tuple[str, ...]:
+        started, run_time = str(r["started"] or "-")[:19].replace("T", " "), r["run_time"]
+        seconds = "-" if run_time is None else f"{float(str(run_time)):.2f}s"
+        code = "-" if r["exit_code"] is None else str(r["exit_code"])
+        return (str(r["name"]), started, str(r["kind"] or "-"), str(r["status"] or "-"), code, seconds,
+                _short_git(r["git"] or {}), str(r["command"] or ""))  # fmt: skip
+
+    lines = [("NAME", "STARTED", "KIND", "STATUS", "EXIT", "TIME", "GIT", "COMMAND"), *map(cells, rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(7)]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1] for line in lines
     )
@@ -2118,17 +2065,10 @@ def _config_from_record(record: Record, root: Path) -> Config:
     )
 
 
+# What verify compares: what could change a result (not the host name, not timestamps).
 VERIFY_FIELDS = (
-    "context.platform.system",
-    "context.platform.machine",
-    "context.platform.release",
-    "context.platform.python.implementation",
-    "context.platform.python.version",
-    "context.platform.python.executable",
-    "context.environment_variables.",
-    "context.git.",
-    "context.files.",
-    "context.packages.",
+    *(f"context.platform.{k}" for k in ("system", "machine", "release", "python.implementation", "python.version")),
+    *(f"context.{k}." for k in ("platform.python.executable", "environment_variables", "git", "files", "packages")),
 )
 
 
@@ -2366,19 +2306,8 @@ def _cmd_list(args: Any) -> int:
 def _cmd_show(args: Any) -> int:
     r = _record(args, args.capsule)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "path": str(r.path),
-                    "capsule": r.manifest,
-                    "context": r.context,
-                    "pre_run": r.pre,
-                    "post_run": r.post,
-                },
-                indent=2,
-                ensure_ascii=False,
-            )
-        )
+        data = {"path": str(r.path), "capsule": r.manifest, "context": r.context, "pre_run": r.pre, "post_run": r.post}
+        print(json.dumps(data, indent=2, ensure_ascii=False))
         return 0
     row = summarize(r.path, host=hostname(), boot_id=read_boot_id())
     plat, py = r.context.get("platform") or {}, (r.context.get("platform") or {}).get("python") or {}
@@ -2394,22 +2323,18 @@ def _cmd_show(args: Any) -> int:
         out.append(f"run       {row['command']}" + (f"   rerun of {row['rerun_of']}" if row["rerun_of"] else ""))
     for name, g in (r.context.get("git") or {}).items():
         if isinstance(g, dict):
-            extra = f", {len(g.get('untracked') or [])} untracked" if g.get("untracked") else ""
-            out.append(
-                f"git       {name}: {g.get('sha')} on {g.get('branch')}{' (dirty' + extra + ')' if g.get('dirty') else ''}"
-            )
-    for title, mapping in (
-        ("env", r.context.get("environment_variables")),
-        ("input", r.context.get("files")),
-        ("output", r.post.get("files")),
-    ):
+            dirty = f" (dirty, {len(g.get('untracked') or [])} untracked)" if g.get("dirty") else ""
+            out.append(f"git       {name}: {g.get('sha')} on {g.get('branch')}{dirty}")
+    sections = {
+        "env": r.context.get("environment_variables"),
+        "input": r.context.get("files"),
+        "output": r.post.get("files"),
+    }
+    for title, mapping in sections.items():
         for key, value in (mapping or {}).items():
-            shown = value.get("file_hash") if isinstance(value, dict) else value
-            out.append(f"{title:<9} {key} = {shown}")
-    if r.post.get("exception_info"):
-        out.append(
-            f"exception {r.post['exception_info'].get('error_type')}: {r.post['exception_info'].get('error_message')}"
-        )
+            out.append(f"{title:<9} {key} = {value.get('file_hash') if isinstance(value, dict) else value}")
+    if isinstance(error := r.post.get("exception_info"), dict):
+        out.append(f"exception {error.get('error_type')}: {error.get('error_message')}")
     for name in (STDOUT, STDERR):
         tail = r.output(name).decode(errors="replace").splitlines()[-5:] if r.kind == "command" else []
         out += [f"{name:<9} {line}" for line in tail]
