@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,17 @@ def repo(tmp_path: Path) -> Path:
     git(root, "add", ".")
     git(root, "commit", "-q", "-m", "initial")
     return root
+
+
+@pytest.fixture
+def other_fs_vault(tmp_path: Path) -> Iterator[Path]:
+    """A vault directory on another filesystem than tmp_path (tmpfs), removed afterwards."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs a second filesystem")
+    vault = Path(os.path.realpath(shm)) / f"capsula-test-{os.getpid()}-{tmp_path.name}"
+    yield vault
+    shutil.rmtree(vault, ignore_errors=True)
 
 
 def write_config(root: Path, text: str) -> Path:

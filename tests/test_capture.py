@@ -188,23 +188,16 @@ def test_a_file_named_like_capsulas_own_is_kept_aside(repo: Path) -> None:
     assert load(capsule / "context.json")["files"]["context.json"]["stored_as"] == "_files/context.json"
 
 
-def test_move_across_filesystems_keeps_every_byte(repo: Path, tmp_path: Path) -> None:
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(repo).st_dev:
-        pytest.skip("needs a second filesystem")
-    vault = Path(os.path.realpath(shm)) / f"capsula-test-{os.getpid()}-{tmp_path.name}"
-    try:
-        payload = os.urandom(3 << 20)
-        (repo / "out.bin").write_bytes(payload)
-        write_config(repo, f'[capture]\nvault-directory = "{vault}"\n[capture.files]\n"out.bin" = {{ move = true }}\n')
-        capsule = capture(repo)
-        assert (capsule / "out.bin").read_bytes() == payload and not (repo / "out.bin").exists()
-        entry = load(capsule / "context.json")["files"]["out.bin"]
-        assert entry["file_hash"] == hashlib.sha256(payload).hexdigest()
-    finally:
-        import shutil
-
-        shutil.rmtree(vault, ignore_errors=True)
+def test_move_across_filesystems_keeps_every_byte(repo: Path, other_fs_vault: Path) -> None:
+    payload = os.urandom(3 << 20)
+    (repo / "out.bin").write_bytes(payload)
+    write_config(
+        repo, f'[capture]\nvault-directory = "{other_fs_vault}"\n[capture.files]\n"out.bin" = {{ move = true }}\n'
+    )
+    capsule = capture(repo)
+    assert (capsule / "out.bin").read_bytes() == payload and not (repo / "out.bin").exists()
+    entry = load(capsule / "context.json")["files"]["out.bin"]
+    assert entry["file_hash"] == hashlib.sha256(payload).hexdigest()
 
 
 def test_missing_file_is_null_with_a_warning(repo: Path) -> None:

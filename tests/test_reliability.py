@@ -128,42 +128,58 @@ def test_signal_during_pre_capture_commands(repo: Path, tmp_path: Path, signum: 
     all_json_valid(capsule)
 
 
-def test_signal_during_post_run_file_moves_keeps_every_file(repo: Path, tmp_path: Path) -> None:
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(repo).st_dev:
-        pytest.skip("needs a second filesystem")
-    vault = Path(os.path.realpath(shm)) / f"capsula-moves-{os.getpid()}-{tmp_path.name}"
-    try:
-        write_config(
-            repo,
-            f'[capture]\nvault-directory = "{vault}"\n[monitor.item.out.files]\n'
-            '"done.bin" = { move = true }\n"pipe" = { move = true }\n"after.txt" = { move = true }\n',
-        )
-        payload = os.urandom(1 << 20)
-        (repo / "done.bin").write_bytes(payload)
-        (repo / "after.txt").write_text("kept\n")
-        os.mkfifo(repo / "pipe")  # moving it across filesystems blocks in open(): a move in progress
-        proc = subprocess.Popen([sys.executable, str(CAPSULA), "monitor", "-i", "out", "true"], cwd=repo)
-        capsule = None
-        deadline = time.monotonic() + 20
-        while capsule is None or not (capsule / "done.bin").exists():
-            assert time.monotonic() < deadline
-            found = [p for p in vault.iterdir() if not p.name.startswith(".")] if vault.exists() else []
-            capsule = found[0] if found else None
-            time.sleep(0.02)
-        time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 130
-        assert (capsule / "done.bin").read_bytes() == payload and not (repo / "done.bin").exists()
-        assert (repo / "pipe").exists() and not (capsule / "pipe").exists()  # still at its source
-        assert (repo / "after.txt").read_text() == "kept\n"  # not reached: untouched
-        assert not [p for p in capsule.iterdir() if p.name.endswith(".part")]
-        post = load(capsule / "post-run-info.json")
-        assert post["status"] == "interrupted" and post["exit_code"] == 0
-    finally:
-        import shutil
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_post_run_file_moves_keeps_every_file(
+    repo: Path, other_fs_vault: Path, signum: int, code: int
+) -> None:
+    vault = other_fs_vault
+    write_config(
+        repo,
+        f'[capture]\nvault-directory = "{vault}"\n[monitor.item.out.files]\n'
+        '"done.bin" = { move = true }\n"pipe" = { move = true }\n"after.txt" = { move = true }\n',
+    )
+    payload = os.urandom(1 << 20)
+    (repo / "done.bin").write_bytes(payload)
+    (repo / "after.txt").write_text("kept\n")
+    os.mkfifo(repo / "pipe")  # moving it across filesystems blocks in open(): a move in progress
+    proc = subprocess.Popen([sys.executable, str(CAPSULA), "monitor", "-i", "out", "true"], cwd=repo)
+    capsule = None
+    deadline = time.monotonic() + 20
+    while capsule is None or not (capsule / "done.bin").exists():
+        assert time.monotonic() < deadline
+        found = [p for p in vault.iterdir() if not p.name.startswith(".")] if vault.exists() else []
+        capsule = found[0] if found else None
+        time.sleep(0.02)
+    time.sleep(0.2)
+    proc.send_signal(signum)
+    assert proc.wait(timeout=20) == code
+    assert (capsule / "done.bin").read_bytes() == payload and not (repo / "done.bin").exists()
+    assert (repo / "pipe").exists() and not (capsule / "pipe").exists()  # still at its source
+    assert (repo / "after.txt").read_text() == "kept\n"  # not reached: untouched
+    assert not [p for p in capsule.iterdir() if p.name.endswith(".part")]
+    post = load(capsule / "post-run-info.json")
+    assert post["status"] == "interrupted" and post["exit_code"] == 0
 
-        shutil.rmtree(vault, ignore_errors=True)
+
+def test_full_disk_during_a_move_across_filesystems_keeps_the_source(repo: Path, other_fs_vault: Path) -> None:
+    payload = os.urandom(2 << 20)
+    (repo / "result.bin").write_bytes(payload)
+    write_config(
+        repo,
+        f'[capture]\nvault-directory = "{other_fs_vault}"\n[monitor.item.out.files]\n"result.bin" = {{ move = true }}\n',
+    )
+    result = subprocess.run(
+        [sys.executable, str(CAPSULA), "monitor", "-i", "out", "true"],
+        cwd=repo,
+        capture_output=True,
+        preexec_fn=lambda: _limit_file_size(1 << 20),
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 1 and "could not store result.bin" in err and "Traceback" not in err
+    assert (repo / "result.bin").read_bytes() == payload  # the move failed whole: the source is intact
+    (capsule,) = [p for p in other_fs_vault.iterdir() if not p.name.startswith(".")]
+    assert not (capsule / "result.bin").exists() and not [p for p in capsule.iterdir() if p.name.endswith(".part")]
+    assert "result.bin" in load(capsule / "post-run-info.json")["error"]
 
 
 def test_sigkill_of_capsula_leaves_a_capsule_that_list_calls_died(repo: Path, tmp_path: Path) -> None:
