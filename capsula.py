@@ -835,6 +835,8 @@ def cpu_from_system() -> dict[str, JSON]:
     machine = platform.machine()
     info: dict[str, JSON] = {
         "python_version": f"{'.'.join(map(str, sys.version_info))} ({bits} bit)",
+        "cpuinfo_version": None,  # every key py-cpuinfo writes is there; these cannot be had
+        "cpuinfo_version_string": None,
         "source": "capsula",
         "arch": _ARCH_NAMES.get(machine.lower(), machine.upper()),
         "bits": bits,

@@ -276,6 +276,7 @@ def test_cpu_fallback_without_py_cpuinfo(repo: Path) -> None:
     assert result.returncode == 0, result.stderr
     cpu = load(Path(result.stdout.decode().strip()) / "context.json")["cpu"]
     assert cpu["count"] == os.cpu_count() and cpu["bits"] in (32, 64) and "arch" in cpu
+    assert cpu["source"] == "capsula" and cpu["cpuinfo_version"] is None  # the fallback, keys kept
     if Path("/proc/cpuinfo").exists():
         assert "brand_raw" in cpu or "flags" in cpu
 
