@@ -178,9 +178,9 @@ def in_background(fn: Callable[[], T]) -> Callable[[], T]:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old file or the whole new one, never a part."""
-    import threading
+    import _thread  # the low-level module: threading costs an import for one thread id
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_thread.get_ident()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
         with open(fd, "wb") as f:
@@ -544,16 +544,27 @@ def load_config(directory: str | os.PathLike[str] | None = None, *, cwd: Path | 
 # Collectors
 # =============================================================================
 
-Runner = Callable[..., "subprocess.CompletedProcess[bytes]"]
+Finish = Callable[[], tuple[int, bytes, bytes]]  # waits for a started process: (exit code, stdout, stderr)
+Runner = Callable[..., Finish]
 
 
-def run_process(
+def start_process(
     args: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None, stdin: bytes | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    """The one place collectors start a process; tests may pass another runner."""
+) -> Finish:
+    """The one place collectors start a process (tests may pass another runner). It starts
+    now and is waited for later, so that independent processes overlap without threads."""
     import subprocess
 
-    return subprocess.run(args, cwd=cwd, env=env, input=stdin, capture_output=True, check=False)
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen(
+        args, cwd=cwd, env=env, stdin=pipe if stdin else subprocess.DEVNULL, stdout=pipe, stderr=pipe
+    )
+
+    def finish() -> tuple[int, bytes, bytes]:
+        out, err = proc.communicate(stdin)
+        return proc.returncode, out, err
+
+    return finish
 
 
 def warn(message: str, warnings: list[str] | None = None) -> None:
@@ -659,19 +670,29 @@ def parse_git_status(out: bytes) -> dict[str, JSON]:
     return {"sha": sha, "branch": branch, "changed": changed, "untracked": untracked}
 
 
-def _git(
+def _git_start(
     runner: Runner, cwd: Path, *args: str, stdin: bytes | None = None, ok: int = 0, index: Path | None = None
-) -> bytes:
+) -> Callable[[], bytes]:
+    """Start git now; the returned callable waits for its stdout (CaptureError on failure)."""
     # GIT_DIR & co. from a hook or a wrapper would point git at another repository.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     env.update(LC_ALL="C", GIT_OPTIONAL_LOCKS="0", GIT_LITERAL_PATHSPECS="1")
     if index is not None:
         env["GIT_INDEX_FILE"] = str(index)
-    result = runner(["git", *args], cwd=cwd, env=env, stdin=stdin)
-    if result.returncode not in (0, ok):
-        msg = result.stderr.decode(errors="replace").strip().splitlines()
-        raise CaptureError(f"git {args[0]} failed in {cwd}: {msg[-1] if msg else result.returncode}")
-    return bytes(result.stdout)
+    finish = runner(["git", *args], cwd=cwd, env=env, stdin=stdin)
+
+    def stdout() -> bytes:
+        code, out, err = finish()
+        if code not in (0, ok):
+            msg = err.decode(errors="replace").strip().splitlines()
+            raise CaptureError(f"git {args[0]} failed in {cwd}: {msg[-1] if msg else code}")
+        return out
+
+    return stdout
+
+
+def _git(runner: Runner, cwd: Path, *args: str, **options: Any) -> bytes:
+    return _git_start(runner, cwd, *args, **options)()
 
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
@@ -680,7 +701,7 @@ GIT_ADD_INTENT = ("add", "--intent-to-add", "--pathspec-from-file=-", "--pathspe
 
 
 def collect_git(
-    name: str, rel: str, *, config: Config, capsule_dir: Path, runner: Runner = run_process
+    name: str, rel: str, *, config: Config, capsule_dir: Path, runner: Runner = start_process
 ) -> dict[str, JSON]:
     """The state of one repository, and (into ``<capsule_dir>/<name>.diff``) every
     uncommitted change as a patch.
@@ -695,14 +716,10 @@ def collect_git(
     entry: dict[str, JSON] = {"path": rel, "sha": None, "branch": None, "remotes": []}
     try:
         # Three independent git calls: started together, they overlap.
-        rev_parse = in_background(lambda: _git(runner, path, "rev-parse", "--show-toplevel", "--git-path", "index"))
-        # exit code 1: no remote at all
-        remote_urls = in_background(
-            lambda: _git(runner, path, "config", "-z", "--get-regexp", r"^remote\..*\.url$", ok=1)
-        )
-        status = parse_git_status(
-            _git(runner, path, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all")
-        )
+        rev_parse = _git_start(runner, path, "rev-parse", "--show-toplevel", "--git-path", "index")
+        remote_urls = _git_start(runner, path, "config", "-z", "--get-regexp", r"^remote\..*\.url$", ok=1)  # 1: none
+        status_out = _git_start(runner, path, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all")
+        status = parse_git_status(status_out())
         top_s, index_s = rev_parse().decode().splitlines()
         top, index = Path(top_s), path / index_s
         remotes = remote_urls()
@@ -1148,9 +1165,9 @@ def default_repositories(root: Path) -> tuple[tuple[str, str], ...]:
     return ((re.sub(r"[^\w.-]", "_", top.name).lstrip(".") or "repo", "."),) if top else ()
 
 
-def _in_thread(fn: Callable[[], JSON]) -> Callable[[], JSON]:
-    """in_background, with a failure recorded as {"error": ...}: one collector failing
-    never aborts the others."""
+def _collector(fn: Callable[[], JSON], *, thread: bool) -> Callable[[], JSON]:
+    """Run a collector (in a thread, to overlap with others); a failure is recorded as
+    {"error": ...}: one collector failing never aborts the others."""
 
     def recorded() -> JSON:
         try:
@@ -1158,7 +1175,10 @@ def _in_thread(fn: Callable[[], JSON]) -> Callable[[], JSON]:
         except Exception as exc:  # noqa: BLE001
             return {"error": f"{type(exc).__name__}: {exc}"}
 
-    return in_background(recorded)
+    if thread:
+        return in_background(recorded)
+    value = recorded()
+    return lambda: value
 
 
 def collect_context(
@@ -1170,15 +1190,12 @@ def collect_context(
     repos = config.git_repositories if config.git_repositories is not None else default_repositories(config.root)
     stamp = _cpuinfo_stamp() if config.include_cpu else None
     cache = HostCache(config.vault, stamp)
-    pending = {
-        name: _in_thread(
-            functools.partial(collect_git, name, rel, config=config, capsule_dir=capsule.path, runner=runner)
-        )
-        for name, rel in repos
-    }
-    has_cpuinfo = stamp is not None
-    cpu = _in_thread(functools.partial(collect_cpu, cache, has_cpuinfo=has_cpuinfo)) if config.include_cpu else None
-    packages = _in_thread(collect_packages) if config.include_packages else None
+    thread = len(repos) + config.include_cpu + config.include_packages > 1  # else nothing to overlap
+    git = functools.partial(collect_git, config=config, capsule_dir=capsule.path, runner=runner)
+    pending = {name: _collector(functools.partial(git, name, rel), thread=thread) for name, rel in repos}
+    cpu_facts = functools.partial(collect_cpu, cache, has_cpuinfo=stamp is not None)
+    cpu = _collector(cpu_facts, thread=thread) if config.include_cpu else None
+    packages = _collector(collect_packages, thread=thread) if config.include_packages else None
     context: dict[str, JSON] = {
         "root_directory": str(config.root),
         "cwd": os.getcwd(),
@@ -1223,7 +1240,7 @@ def capture(
     *,
     kind: str = "capture",
     environ: Mapping[str, str] | None = None,
-    runner: Runner = run_process,
+    runner: Runner = start_process,
 ) -> Capsule:
     """Create a capsule and write context.json into it.
 
@@ -1309,12 +1326,11 @@ class SignalRouter:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[SignalRouter]:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
+        try:
+            old = {s: signal.signal(s, self._handle) for s in INTERRUPT_SIGNALS}
+        except ValueError:  # not the main thread: signals stay with the program that runs us
             yield self
             return
-        old = {s: signal.signal(s, self._handle) for s in INTERRUPT_SIGNALS}
         try:
             yield self
         finally:
@@ -2074,7 +2090,7 @@ VERIFY_FIELDS = (
 )
 
 
-def verify_capsule(record: Record, *, runner: Runner = run_process) -> tuple[list[str], list[str]]:
+def verify_capsule(record: Record, *, runner: Runner = start_process) -> tuple[list[str], list[str]]:
     """Differences between the capsule and the current environment that could change a
     result, and notes on what could not be compared."""
     import tempfile
@@ -2137,7 +2153,7 @@ def _rerun_args(record: Record) -> list[str]:
 
 
 @contextlib.contextmanager
-def rebuilt_worktree(record: Record, *, runner: Runner = run_process) -> Iterator[Path]:
+def rebuilt_worktree(record: Record, *, runner: Runner = start_process) -> Iterator[Path]:
     """A temporary git worktree (in the vault) at the recorded sha with the capsule's diff
     applied, untracked files included; removed afterwards, also on Ctrl-C. The user's own
     working tree, index and branches are not touched."""
@@ -2482,13 +2498,39 @@ def _build_parser(only: str | None = None) -> Any:
     return parser
 
 
+def _monitor_args(argv: list[str]) -> Any:
+    """`capsula monitor`'s usual arguments, parsed without argparse: it is slow to import
+    and build, and this is the command whose overhead matters. Anything unusual (help,
+    ``-iNAME``, a typo) returns None, for argparse to parse and explain."""
+    import types
+
+    args = types.SimpleNamespace(directory=None, item=[], quiet=False, command=[], handler=_cmd_monitor)
+    rest = iter(enumerate(argv))
+    for i, arg in rest:
+        name, eq, value = arg.partition("=")
+        if name in ("-C", "--directory", "-i", "--item") and (eq or i + 1 < len(argv)):
+            value = value if eq else next(rest)[1]
+            if name in ("-C", "--directory"):
+                args.directory = value
+            else:
+                args.item.append(value)
+        elif arg in ("-q", "--quiet"):
+            args.quiet = True
+        elif arg.startswith("-") and arg != "--":
+            return None
+        else:
+            args.command = argv[i:]
+            return args
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _COMMANDS:
-        args = _build_parser(argv[0]).parse_args(argv[1:])
-    else:
-        args = _build_parser().parse_args(argv)
+    command = argv[0] if argv and argv[0] in _COMMANDS else None
+    args = _monitor_args(argv[1:]) if command == "monitor" else None
+    if args is None:
+        args = _build_parser(command).parse_args(argv[1:] if command else argv)
     try:
         return int(args.handler(args))
     except CapsulaError as exc:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import CAPSULA, REPO, git, only_capsule
 
 import capsula
@@ -59,3 +60,30 @@ def test_version_is_a_literal_for_flit() -> None:
     tree = ast.parse(CAPSULA.read_text())
     assigns = [n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "__version__"]
     assert len(assigns) == 1 and isinstance(assigns[0].value, ast.Constant)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["python", "x.py", "-n", "3", "--out", "y"],
+        ["--", "python", "-i", "x"],
+        ["-i", "a", "--item", "b", "--item=c", "-q", "cmd", "-q"],
+        ["-C", "some/dir", "--directory=other", "cmd"],
+        ["--quiet", "--", "--weird-command"],
+    ],
+)
+def test_monitor_fast_path_parses_like_argparse(argv: list[str]) -> None:
+    fast = capsula._monitor_args(argv)
+    slow = capsula._build_parser("monitor").parse_args(argv)
+    assert fast is not None
+    assert (fast.directory, fast.item, fast.quiet, fast.command) == (
+        slow.directory,
+        slow.item,
+        slow.quiet,
+        slow.command,
+    )
+
+
+@pytest.mark.parametrize("argv", [["-h"], ["-iname", "cmd"], ["--bogus", "cmd"], ["-i"], []])
+def test_monitor_fast_path_leaves_the_unusual_to_argparse(argv: list[str]) -> None:
+    assert capsula._monitor_args(argv) is None
