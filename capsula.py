@@ -2232,6 +2232,10 @@ def rerun_capsule(record: Record, *, here: bool = False) -> tuple[int, Record | 
         config = load_config(root)
         config = config._replace(vault_directory=str(record.path.parent), items={**config.items, **items})
         cwd = root / rel_cwd if not rel_cwd.startswith("..") else Path(str(record.pre.get("cwd")))
+        if not here and _is_inside(cwd, root):  # a folder git does not keep (empty, or ignored files only)
+            cwd.mkdir(parents=True, exist_ok=True)
+        if not cwd.is_dir():
+            raise CapsulaError(f"the recorded working directory {cwd} does not exist; create it, then rerun")
         code, capsule = monitor_command(
             args,
             config=config,

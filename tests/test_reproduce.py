@@ -226,3 +226,29 @@ def test_diff_and_verify_compare_installed_packages(project: Path, tmp_path: Pat
     assert verified.returncode == 1 and "context.packages.fake-dep.version" in verified.stdout.decode()
     same = run_capsula("verify", "latest", cwd=project, env={**os.environ, "PYTHONPATH": str(new)})
     assert same.returncode == 0, same.stdout
+
+
+def test_rerun_restores_copied_inputs_environment_and_working_directory(project: Path) -> None:
+    (project / ".gitignore").write_text("vault/\noutput.txt\ninputs/\n")  # the input is not in git at all
+    (project / "inputs").mkdir()
+    (project / "inputs" / "table.csv").write_text("a,b\n1,2\n")
+    (project / "sub").mkdir()
+    write_config(
+        project,
+        """[capture]
+environment-variables = ['MODE']
+[capture.files]
+"inputs/table.csv" = { hash = "sha256", copy = true }
+[monitor.item.out.files]
+"output.txt" = { hash = "sha256", copy = true }
+""",
+    )
+    script = "import os; print(os.getcwd().endswith('sub'), os.environ['MODE'], open('../inputs/table.csv').read())"
+    env = {**os.environ, "MODE": "fast"}
+    first = run_capsula("monitor", "-i", "out", sys.executable, "-c", script, cwd=project / "sub", env=env)
+    assert first.stdout == b"True fast a,b\n1,2\n\n"
+    (project / "inputs" / "table.csv").write_text("changed since\n")
+    result = run_capsula("rerun", "latest", cwd=project, env={**os.environ, "MODE": "slow"})
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    assert "reproduced identically" in result.stdout.decode()
+    assert (project / "inputs" / "table.csv").read_text() == "changed since\n"  # the user's copy is untouched
