@@ -794,19 +794,12 @@ def parse_proc_cpuinfo(text: str) -> dict[str, JSON]:
     flags = fields.get("flags") or fields.get("Features")
     if flags is not None:
         info["flags"] = sorted(flags.split())
-    mhz = _float_or_none(fields.get("cpu MHz"))
+    mhz = float(fields["cpu MHz"]) if re.fullmatch(r"\d+(\.\d+)?", fields.get("cpu MHz", "")) else None
     if mhz is not None:
         info.update(hz_fields("actual", int(mhz * 1e6)))
         advertised = re.search(r"@\s*([\d.]+)\s*GHz", fields.get("model name", ""))
         info.update(hz_fields("advertised", int(float(advertised[1]) * 1e9) if advertised else int(mhz * 1e6)))
     return info
-
-
-def _float_or_none(text: str | None) -> float | None:
-    try:
-        return float(text) if text is not None else None
-    except ValueError:
-        return None
 
 
 def hz_fields(kind: str, hz: int) -> dict[str, JSON]:
@@ -1542,11 +1535,8 @@ def run_command(
             record["signal"] = signal.Signals(-code).name
         record["signal_number"], code = -code, 128 - code
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in KiB on Linux, bytes on macOS
-    record["resource_usage"] = {
-        "user_time": round(rusage.ru_utime, 6),
-        "system_time": round(rusage.ru_stime, 6),
-        "max_rss_bytes": rusage.ru_maxrss * scale,
-    }
+    user, system, peak = round(rusage.ru_utime, 6), round(rusage.ru_stime, 6), rusage.ru_maxrss * scale
+    record["resource_usage"] = {"user_time": user, "system_time": system, "max_rss_bytes": peak}
     record.update(exit_code=code, run_time=run_time)
     for tee, key in zip(tees, ("stdout", "stderr"), strict=True):
         record[key], record[f"{key}_truncated"] = tee.text()
@@ -1564,22 +1554,13 @@ def run_status(exit_code: int, *, signum: int | None, interrupted_by: int | None
 
 
 def _pre_run_base(capsule: Capsule, started: datetime.datetime, kind: str) -> dict[str, JSON]:
-    return {
-        "root_directory": str(capsule.config.root),
-        "cwd": os.getcwd(),
-        "timestamp": started.isoformat(),
-        "kind": kind,
-        **_whoami(),
-    }
+    root = str(capsule.config.root)
+    return {"root_directory": root, "cwd": os.getcwd(), "timestamp": started.isoformat(), "kind": kind, **_whoami()}
 
 
 def _post_run_base(capsule: Capsule, run_time: float, files: dict[str, JSON]) -> dict[str, JSON]:
-    return {
-        "root_directory": str(capsule.config.root),
-        "timestamp": now().isoformat(),
-        "run_time": iso_duration(run_time),
-        "files": files,
-    }
+    root, ended = str(capsule.config.root), now().isoformat()
+    return {"root_directory": root, "timestamp": ended, "run_time": iso_duration(run_time), "files": files}
 
 
 def _capture_items(capsule: Capsule, items: Sequence[str]) -> dict[str, JSON]:
@@ -1602,14 +1583,9 @@ def check_items(config: Config, items: Sequence[str]) -> None:
 
 
 def monitor_command(
-    args: Sequence[str],
-    *,
-    config: Config,
-    items: Sequence[str] = (),
-    rerun_of: str | None = None,
-    cwd: Path | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> tuple[int, Capsule | None]:
+    args: Sequence[str], *, config: Config, items: Sequence[str] = (), rerun_of: str | None = None,
+    cwd: Path | None = None, environ: Mapping[str, str] | None = None,
+) -> tuple[int, Capsule | None]:  # fmt: skip
     """Capture the context, run the command and record the run; returns (exit code, capsule)."""
     check_items(config, items)
     environ = dict(os.environ if environ is None else environ)
@@ -1679,13 +1655,8 @@ def _finish_command(capsule: Capsule, run: dict[str, JSON], files: dict[str, JSO
     except VaultError as exc:  # a full disk: keep the record, without the inline output text
         post.update(stdout="", stderr="", error=f"{post['error'] or ''} {exc}".strip())
         write_json(capsule.path / POST_RUN, post)
-    capsule.write_manifest(
-        status=status,
-        finished=post["timestamp"],
-        exit_code=post["exit_code"],
-        run_time=post["run_time_seconds"],
-        error=post["error"],
-    )
+    ended = {"finished": post["timestamp"], "exit_code": post["exit_code"], "run_time": post["run_time_seconds"]}
+    capsule.write_manifest(status=status, error=post["error"], **ended)
     return capsule
 
 
@@ -1713,18 +1684,12 @@ def get_capsule_dir() -> Path:
 def _exception_info(exc: BaseException) -> dict[str, JSON]:
     import traceback
 
-    return {
-        "error_type": type(exc).__name__,
-        "error_message": _safe_str(exc),
-        "error_details": "".join(traceback.format_exception(exc)),
-    }
-
-
-def _safe_str(exc: BaseException) -> str:
     try:
-        return str(exc)
-    except BaseException:  # noqa: BLE001
-        return safe_repr(exc)
+        message = str(exc)
+    except BaseException:  # noqa: BLE001 - a broken __str__ must not hide the exception itself
+        message = safe_repr(exc)
+    details = "".join(traceback.format_exception(exc))
+    return {"error_type": type(exc).__name__, "error_message": message, "error_details": details}
 
 
 def monitor(
@@ -2236,14 +2201,8 @@ def rerun_capsule(record: Record, *, here: bool = False) -> tuple[int, Record | 
             cwd.mkdir(parents=True, exist_ok=True)
         if not cwd.is_dir():
             raise CapsulaError(f"the recorded working directory {cwd} does not exist; create it, then rerun")
-        code, capsule = monitor_command(
-            args,
-            config=config,
-            items=list(items),
-            rerun_of=record.path.name,
-            cwd=cwd,
-            environ=_recorded_environ(record),
-        )
+        environ, name = _recorded_environ(record), record.path.name
+        code, capsule = monitor_command(args, config=config, items=list(items), rerun_of=name, cwd=cwd, environ=environ)
     if capsule is None:
         return code, None, ["the rerun was interrupted before the command ran"]
     new = Record.read(capsule.path)
@@ -2434,35 +2393,22 @@ def _args_diff(p: Any) -> None:
     )
 
 
+def _args_rerun(p: Any) -> None:
+    p.add_argument("capsule")
+    p.add_argument("--here", action="store_true", help="rerun in the current working tree (after a verify)")
+
+
 # name: (help, handler, reads the vault, arguments)
 _COMMANDS: dict[str, tuple[str, Callable[[Any], int], bool, Callable[[Any], object] | None]] = {
     "capture": ("capture the context into a new capsule", _cmd_capture, False, None),
     "monitor": ("run a command and record it in a new capsule", _cmd_monitor, False, _args_monitor),
-    "list": (
-        "list the capsules in the vault, newest first",
-        _cmd_list,
-        True,
-        lambda p: p.add_argument("--json", action="store_true", help="print JSON"),
-    ),
+    "list": ("list the capsules in the vault, newest first", _cmd_list, True, lambda p: p.add_argument("--json", action="store_true")),
     "show": ("summarize one capsule", _cmd_show, True, _args_show),
     "diff": ("compare two capsules (exit 1 when they differ)", _cmd_diff, True, _args_diff),
-    "verify": (
-        "compare the current environment with a capsule",
-        _cmd_verify,
-        True,
-        lambda p: p.add_argument("capsule"),
-    ),
-    "rerun": (
-        "run a command capsule again and compare the result",
-        _cmd_rerun,
-        True,
-        lambda p: (
-            p.add_argument("capsule"),
-            p.add_argument("--here", action="store_true", help="rerun in the current working tree (after a verify)"),
-        ),
-    ),
+    "verify": ("compare the current environment with a capsule", _cmd_verify, True, lambda p: p.add_argument("capsule")),
+    "rerun": ("run a command capsule again and compare the result", _cmd_rerun, True, _args_rerun),
     "find": ("which capsules recorded a file with this content", _cmd_find, True, lambda p: p.add_argument("file")),
-}
+}  # fmt: skip
 
 
 def _build_parser(only: str | None = None) -> Any:
