@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 if TYPE_CHECKING:
     import datetime
-    import subprocess
 
 # Modules that only some commands need (subprocess, hashlib, tomllib, platform, shutil,
 # difflib, datetime, threading ...) are imported where they are used: `import capsula`
@@ -174,6 +173,12 @@ def in_background(fn: Callable[[], T]) -> Callable[[], T]:
         return value  # type: ignore[no-any-return]
 
     return join
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while len(view):
+        view = view[os.write(fd, view) :]
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -544,27 +549,95 @@ def load_config(directory: str | os.PathLike[str] | None = None, *, cwd: Path | 
 # Collectors
 # =============================================================================
 
+
+def spawn(args: Sequence[str], *, env: Mapping[str, str], fds: Sequence[int | None], new_group: bool = False) -> int:
+    """Start a program, searched on the PATH of ``env`` as subprocess does, with ``fds`` as
+    its stdin, stdout and stderr (None: ours); return its pid. posix_spawn neither forks
+    this process nor needs `subprocess`, whose import alone costs more than a git call.
+    SIGPIPE and SIGXFSZ are back to their defaults in the program, as subprocess does."""
+    name = args[0]
+    paths = [name] if os.sep in name else [os.path.join(d, name) for d in os.get_exec_path(env)]
+    actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds) if fd is not None]
+    options: dict[str, Any] = {"file_actions": actions, "setsigdef": (signal.SIGPIPE, signal.SIGXFSZ)}
+    if new_group:
+        options["setpgroup"] = 0
+    error: OSError | None = None
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        try:
+            return os.posix_spawn(path, list(args), env, **options)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:  # e.g. not executable: as execvp, try the rest of PATH first
+            error = error or exc
+    raise error or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+
+
+def _anonymous_file() -> int:
+    """A file with no name, for a program's input or output (freed when closed)."""
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create("capsula", os.MFD_CLOEXEC)
+    import tempfile
+
+    fd, name = tempfile.mkstemp()
+    os.unlink(name)
+    return fd
+
+
+def _read_back(fd: int) -> bytes:
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 24, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
 Finish = Callable[[], tuple[int, bytes, bytes]]  # waits for a started process: (exit code, stdout, stderr)
-Runner = Callable[..., Finish]
 
 
-def start_process(
-    args: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None, stdin: bytes | None = None
-) -> Finish:
-    """The one place collectors start a process (tests may pass another runner). It starts
-    now and is waited for later, so that independent processes overlap without threads."""
-    import subprocess
-
-    pipe = subprocess.PIPE
-    proc = subprocess.Popen(
-        args, cwd=cwd, env=env, stdin=pipe if stdin else subprocess.DEVNULL, stdout=pipe, stderr=pipe
-    )
+def start_process(args: Sequence[str], *, env: Mapping[str, str], stdin: bytes | None = None) -> Finish:
+    """Start a program now and return what waits for it. Its output goes to anonymous
+    files, not pipes: nothing has to be read while it runs, so independent programs
+    overlap without threads. The returned callable must be called (it reaps the program)."""
+    files: list[int] = []
+    try:
+        files += [_anonymous_file(), _anonymous_file()]
+        files.append(_anonymous_file() if stdin else os.open(os.devnull, os.O_RDONLY))
+        if stdin:
+            _write_all(files[2], stdin)
+            os.lseek(files[2], 0, os.SEEK_SET)
+        pid = spawn(args, env=env, fds=(files[2], files[0], files[1]))
+    except BaseException:
+        for fd in files:
+            os.close(fd)
+        raise
+    os.close(files.pop())
 
     def finish() -> tuple[int, bytes, bytes]:
-        out, err = proc.communicate(stdin)
-        return proc.returncode, out, err
+        try:
+            _, status = os.waitpid(pid, 0)
+            return os.waitstatus_to_exitcode(status), _read_back(files[0]), _read_back(files[1])
+        finally:
+            for fd in files:
+                os.close(fd)
+            files.clear()
 
     return finish
+
+
+def wait_all(waits: Sequence[Callable[[], bytes]]) -> list[bytes]:
+    """Wait for every started program, then raise the first failure, if any."""
+    results: list[bytes | BaseException] = []
+    for wait in waits:
+        try:
+            results.append(wait())
+        except Exception as exc:  # noqa: BLE001 - re-raised below, once all are reaped
+            results.append(exc)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
 
 
 def warn(message: str, warnings: list[str] | None = None) -> None:
@@ -671,7 +744,7 @@ def parse_git_status(out: bytes) -> dict[str, JSON]:
 
 
 def _git_start(
-    runner: Runner, cwd: Path, *args: str, stdin: bytes | None = None, ok: int = 0, index: Path | None = None
+    cwd: Path, *args: str, stdin: bytes | None = None, ok: int = 0, index: Path | None = None
 ) -> Callable[[], bytes]:
     """Start git now; the returned callable waits for its stdout (CaptureError on failure)."""
     # GIT_DIR & co. from a hook or a wrapper would point git at another repository.
@@ -679,7 +752,7 @@ def _git_start(
     env.update(LC_ALL="C", GIT_OPTIONAL_LOCKS="0", GIT_LITERAL_PATHSPECS="1")
     if index is not None:
         env["GIT_INDEX_FILE"] = str(index)
-    finish = runner(["git", *args], cwd=cwd, env=env, stdin=stdin)
+    finish = start_process(["git", "-C", str(cwd), *args], env=env, stdin=stdin)
 
     def stdout() -> bytes:
         code, out, err = finish()
@@ -691,8 +764,8 @@ def _git_start(
     return stdout
 
 
-def _git(runner: Runner, cwd: Path, *args: str, **options: Any) -> bytes:
-    return _git_start(runner, cwd, *args, **options)()
+def _git(cwd: Path, *args: str, **options: Any) -> bytes:
+    return _git_start(cwd, *args, **options)()
 
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
@@ -700,9 +773,7 @@ GIT_DIFF = ("diff", "--binary", "--no-color", "--no-ext-diff", "--no-textconv", 
 GIT_ADD_INTENT = ("add", "--intent-to-add", "--pathspec-from-file=-", "--pathspec-file-nul")
 
 
-def collect_git(
-    name: str, rel: str, *, config: Config, capsule_dir: Path, runner: Runner = start_process
-) -> dict[str, JSON]:
+def collect_git(name: str, rel: str, *, config: Config, capsule_dir: Path) -> dict[str, JSON]:
     """The state of one repository, and (into ``<capsule_dir>/<name>.diff``) every
     uncommitted change as a patch.
 
@@ -716,13 +787,16 @@ def collect_git(
     entry: dict[str, JSON] = {"path": rel, "sha": None, "branch": None, "remotes": []}
     try:
         # Three independent git calls: started together, they overlap.
-        rev_parse = _git_start(runner, path, "rev-parse", "--show-toplevel", "--git-path", "index")
-        remote_urls = _git_start(runner, path, "config", "-z", "--get-regexp", r"^remote\..*\.url$", ok=1)  # 1: none
-        status_out = _git_start(runner, path, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all")
-        status = parse_git_status(status_out())
-        top_s, index_s = rev_parse().decode().splitlines()
+        status_out, rev_parse, remotes = wait_all(
+            [
+                _git_start(path, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all"),
+                _git_start(path, "rev-parse", "--show-toplevel", "--git-path", "index"),
+                _git_start(path, "config", "-z", "--get-regexp", r"^remote\..*\.url$", ok=1),  # 1: none
+            ]
+        )
+        status = parse_git_status(status_out)
+        top_s, index_s = rev_parse.decode().splitlines()
         top, index = Path(top_s), path / index_s
-        remotes = remote_urls()
     except (CaptureError, OSError, ValueError) as exc:
         entry["error"] = str(exc)
         return entry
@@ -742,7 +816,7 @@ def collect_git(
     entry["diff_file"] = diff_path.name
     try:
         if entry["dirty"]:
-            _write_git_diff(runner, top, index, diff_path, base=status["sha"] or EMPTY_TREE, untracked=untracked)
+            _write_git_diff(top, index, diff_path, base=status["sha"] or EMPTY_TREE, untracked=untracked)
         else:  # nothing to diff: no need to ask git
             write_bytes_atomic(diff_path, b"")
     except (CaptureError, OSError) as exc:
@@ -757,9 +831,7 @@ def _untracked_size(path: Path) -> int:
         return 0
 
 
-def _write_git_diff(
-    runner: Runner, top: Path, index: Path, diff_path: Path, *, base: str, untracked: list[str]
-) -> None:
+def _write_git_diff(top: Path, index: Path, diff_path: Path, *, base: str, untracked: list[str]) -> None:
     import shutil
 
     tmp_index = diff_path.with_name(f".{diff_path.name}.index")
@@ -768,8 +840,8 @@ def _write_git_diff(
             if index.exists():
                 shutil.copyfile(index, tmp_index)
             paths = b"\0".join(os.fsencode(u) for u in untracked) + b"\0"
-            _git(runner, top, *GIT_ADD_INTENT, stdin=paths, index=tmp_index)
-        patch = _git(runner, top, *GIT_DIFF, base, index=tmp_index if untracked else None)
+            _git(top, *GIT_ADD_INTENT, stdin=paths, index=tmp_index)
+        patch = _git(top, *GIT_DIFF, base, index=tmp_index if untracked else None)
         write_bytes_atomic(diff_path, patch)
     finally:
         with contextlib.suppress(OSError):
@@ -1174,9 +1246,7 @@ def _collector(fn: Callable[[], JSON], *, thread: bool) -> Callable[[], JSON]:
     return lambda: value
 
 
-def collect_context(
-    capsule: Capsule, environ: Mapping[str, str], *, runner: Runner, in_place: bool = False
-) -> dict[str, JSON]:
+def collect_context(capsule: Capsule, environ: Mapping[str, str], *, in_place: bool = False) -> dict[str, JSON]:
     """Everything context.json holds, with independent collectors running concurrently.
     With in_place (verify), listed files are only hashed, never copied or moved."""
     config = capsule.config
@@ -1184,7 +1254,7 @@ def collect_context(
     stamp = _cpuinfo_stamp() if config.include_cpu else None
     cache = HostCache(config.vault, stamp)
     thread = len(repos) + config.include_cpu + config.include_packages > 1  # else nothing to overlap
-    git = functools.partial(collect_git, config=config, capsule_dir=capsule.path, runner=runner)
+    git = functools.partial(collect_git, config=config, capsule_dir=capsule.path)
     pending = {name: _collector(functools.partial(git, name, rel), thread=thread) for name, rel in repos}
     cpu_facts = functools.partial(collect_cpu, cache, has_cpuinfo=stamp is not None)
     cpu = _collector(cpu_facts, thread=thread) if config.include_cpu else None
@@ -1229,11 +1299,7 @@ def _base_manifest(kind: str, started: datetime.datetime) -> dict[str, JSON]:
 
 
 def capture(
-    config: Config | None = None,
-    *,
-    kind: str = "capture",
-    environ: Mapping[str, str] | None = None,
-    runner: Runner = start_process,
+    config: Config | None = None, *, kind: str = "capture", environ: Mapping[str, str] | None = None
 ) -> Capsule:
     """Create a capsule and write context.json into it.
 
@@ -1263,7 +1329,7 @@ def capture(
                     f"pre-capture command {command!r} failed with exit code {record['exit_code']}: {stderr}; "
                     f"fix it and run again (what was captured is in {path})"
                 )
-        context = collect_context(capsule, environ, runner=runner)
+        context = collect_context(capsule, environ)
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
         capsule.context.update(extra, status=status, error=str(exc) or type(exc).__name__, config=config.as_dict())
@@ -1329,12 +1395,6 @@ class SignalRouter:
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while len(view):
-        view = view[os.write(fd, view) :]
 
 
 class _Tee:
@@ -1443,7 +1503,7 @@ def _enlarge_pipe(fd: int) -> None:
         fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ: fewer wake-ups for chatty commands
 
 
-def _pump(proc: subprocess.Popen[bytes], tees: Sequence[_Tee]) -> tuple[int, Any]:
+def _pump(pid: int, tees: Sequence[_Tee]) -> tuple[int, Any]:
     """Copy the command's output as it comes until it exits and its pipes close (or stay
     silent DRAIN_IDLE seconds after it exits); return its wait status and rusage."""
     import selectors
@@ -1453,7 +1513,7 @@ def _pump(proc: subprocess.Popen[bytes], tees: Sequence[_Tee]) -> tuple[int, Any
         sel.register(tee.src, selectors.EVENT_READ, tee)
     pidfd: int | None = None
     with contextlib.suppress(AttributeError, OSError):  # Linux >= 5.3; elsewhere: poll
-        pidfd = os.pidfd_open(proc.pid)
+        pidfd = os.pidfd_open(pid)
         sel.register(pidfd, selectors.EVENT_READ, None)
     status: int | None = None
     rusage: Any = None
@@ -1465,7 +1525,7 @@ def _pump(proc: subprocess.Popen[bytes], tees: Sequence[_Tee]) -> tuple[int, Any
             if status is not None and (not streams or time.monotonic() - exited_at > DRAIN_MAX):
                 break
             if status is None and not streams and pidfd is None:
-                _, status, rusage = os.wait4(proc.pid, 0)
+                _, status, rusage = os.wait4(pid, 0)
                 continue
             timeout = DRAIN_IDLE if status is not None else (None if pidfd is not None else 0.05)
             events = sel.select(timeout)
@@ -1474,14 +1534,14 @@ def _pump(proc: subprocess.Popen[bytes], tees: Sequence[_Tee]) -> tuple[int, Any
             for key, _ in events:
                 if key.data is None:
                     sel.unregister(key.fd)
-                    _, status, rusage = os.wait4(proc.pid, 0)
+                    _, status, rusage = os.wait4(pid, 0)
                     exited_at = time.monotonic()
                     continue
                 if not key.data.pump(view):
                     sel.unregister(key.fd)
             if status is None and pidfd is None:
-                pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
+                done, st, ru = os.wait4(pid, os.WNOHANG)
+                if done:
                     status, rusage, exited_at = st, ru, time.monotonic()
     finally:
         sel.close()
@@ -1491,45 +1551,47 @@ def _pump(proc: subprocess.Popen[bytes], tees: Sequence[_Tee]) -> tuple[int, Any
     return status, rusage
 
 
-def run_command(
-    args: Sequence[str], *, cwd: Path, env: Mapping[str, str], capsule: Path, router: SignalRouter
-) -> dict[str, JSON]:
-    """Run a command, teeing its output live into the capsule; record how it ended."""
-    import subprocess
-
+def run_command(args: Sequence[str], *, env: Mapping[str, str], capsule: Path, router: SignalRouter) -> dict[str, JSON]:
+    """Run a command in its own process group, teeing its output live into the capsule;
+    record how it ended."""
     tees: list[_Tee] = []
     record: dict[str, JSON] = {"signal": None, "signal_number": None, "error": None, "resource_usage": None}
     start = time.perf_counter()
+    (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
     try:
-        proc = subprocess.Popen(
-            list(args), cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0
-        )
+        pid = spawn(args, env=env, fds=(None, out_w, err_w), new_group=True)
     except OSError as exc:
+        os.close(out_r)
+        os.close(err_r)
         code = 127 if isinstance(exc, FileNotFoundError) else 126
         what = "command not found" if code == 127 else f"cannot run the command ({user_error_text(exc)})"
         for name in (STDOUT, STDERR):
             write_bytes_atomic(capsule / name, b"")
         record.update(exit_code=code, error=f"{what}: {args[0]}", run_time=time.perf_counter() - start)
         return record
-    router.child_pgid = proc.pid
-    assert proc.stdout is not None and proc.stderr is not None
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    router.child_pgid = pid
+    status: int | None = None
     try:
-        tees = [_Tee(proc.stdout.fileno(), 1, capsule / STDOUT), _Tee(proc.stderr.fileno(), 2, capsule / STDERR)]
+        tees = [_Tee(out_r, 1, capsule / STDOUT), _Tee(err_r, 2, capsule / STDERR)]
         for tee in tees:
             _enlarge_pipe(tee.src)
-        with _terminal_given_to(proc.pid):
-            status, rusage = _pump(proc, tees)
+        with _terminal_given_to(pid):
+            status, rusage = _pump(pid, tees)
     finally:
-        if proc.returncode is None and not tees:  # could not even open the capsule files
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if status is None:  # could not open the capsule files, or interrupted: not left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         router.child_pgid = None
-        proc.stdout.close()
-        proc.stderr.close()
+        os.close(out_r)
+        os.close(err_r)
         for tee in tees:
             tee.close()
     run_time = time.perf_counter() - start
-    proc.returncode = code = os.waitstatus_to_exitcode(status)
+    code = os.waitstatus_to_exitcode(status)
     if code < 0:
         with contextlib.suppress(ValueError):  # real-time signals have no name
             record["signal"] = signal.Signals(-code).name
@@ -1611,13 +1673,8 @@ def monitor_command(
         try:
             write_json(capsule.path / PRE_RUN, pre)
             capsule.write_manifest(command=shown, items=list(items), rerun_of=rerun_of)
-            run = run_command(
-                args,
-                cwd=Path.cwd(),
-                env={**environ, "CAPSULE_DIR": str(capsule.path)},
-                capsule=capsule.path,
-                router=router,
-            )
+            env = {**environ, "CAPSULE_DIR": str(capsule.path)}
+            run = run_command(args, env=env, capsule=capsule.path, router=router)
         except Interrupted as exc:  # before the command started
             run = {
                 "exit_code": 128 + exc.signum,
@@ -2055,7 +2112,7 @@ VERIFY_FIELDS = (
 )
 
 
-def verify_capsule(record: Record, *, runner: Runner = start_process) -> tuple[list[str], list[str]]:
+def verify_capsule(record: Record) -> tuple[list[str], list[str]]:
     """Differences between the capsule and the current environment that could change a
     result, and notes on what could not be compared."""
     import tempfile
@@ -2065,7 +2122,7 @@ def verify_capsule(record: Record, *, runner: Runner = start_process) -> tuple[l
     # The temporary index and patches live in the vault (nothing is written outside it).
     with tempfile.TemporaryDirectory(prefix=".verify-", dir=record.path.parent) as tmp:
         now_ctx = Capsule(path=Path(tmp), config=config)
-        current = collect_context(now_ctx, os.environ, runner=runner, in_place=True)
+        current = collect_context(now_ctx, os.environ, in_place=True)
         now_diffs = {
             n: (Path(tmp) / f"{n}.diff").read_bytes() for n in current["git"] if (Path(tmp) / f"{n}.diff").exists()
         }
@@ -2118,7 +2175,7 @@ def _rerun_args(record: Record) -> list[str]:
 
 
 @contextlib.contextmanager
-def rebuilt_worktree(record: Record, *, runner: Runner = start_process) -> Iterator[Path]:
+def rebuilt_worktree(record: Record) -> Iterator[Path]:
     """A temporary git worktree (in the vault) at the recorded sha with the capsule's diff
     applied, untracked files included; removed afterwards, also on Ctrl-C. The user's own
     working tree, index and branches are not touched."""
@@ -2133,17 +2190,17 @@ def rebuilt_worktree(record: Record, *, runner: Runner = start_process) -> Itera
     tmp = Path(tempfile.mkdtemp(prefix=".rerun-", dir=record.path.parent))
     tree = tmp / "tree"
     try:
-        _git(runner, source, "worktree", "add", "--detach", "--quiet", str(tree), str(repo["sha"]))
+        _git(source, "worktree", "add", "--detach", "--quiet", str(tree), str(repo["sha"]))
         patch = _diff_files(record).get(f"{name}.diff", b"")
         if patch.strip():
-            _git(runner, tree, "apply", "--binary", "--whitespace=nowarn", str(record.path / f"{name}.diff"))
+            _git(tree, "apply", "--binary", "--whitespace=nowarn", str(record.path / f"{name}.diff"))
         yield tree / str(repo.get("root_in_repo", "."))
     finally:
         with contextlib.suppress(CapsulaError, OSError):
-            _git(runner, source, "worktree", "remove", "--force", str(tree))
+            _git(source, "worktree", "remove", "--force", str(tree))
         shutil.rmtree(tmp, ignore_errors=True)
         with contextlib.suppress(CapsulaError, OSError):
-            _git(runner, source, "worktree", "prune")
+            _git(source, "worktree", "prune")
 
 
 def _restore_inputs(record: Record, root: Path) -> None:

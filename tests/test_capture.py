@@ -356,3 +356,15 @@ def test_no_file_or_uname_spawned_once_facts_are_cached(repo: Path, tmp_path: Pa
     log.unlink(missing_ok=True)
     assert run_capsula("capture", cwd=repo, env=env).returncode == 0
     assert not log.exists()  # the second capture spawns neither
+
+
+def test_git_output_larger_than_a_pipe_is_read_whole(repo: Path) -> None:
+    # git status lists each untracked file: far more than a pipe holds while git waits.
+    names = [f"untracked-{i:05d}-{'x' * 40}.txt" for i in range(2000)]
+    (repo / "many").mkdir()
+    for name in names:
+        (repo / "many" / name).write_text(name)
+    result = run_capsula("capture", cwd=repo)
+    assert result.returncode == 0, result.stderr
+    entry = load(only_capsule(repo / "vault") / "context.json")["git"]["project"]
+    assert sorted(entry["untracked"]) == [f"many/{n}" for n in names]

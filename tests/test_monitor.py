@@ -74,6 +74,26 @@ def test_command_not_found_is_127_one_line_and_recorded(repo: Path) -> None:
     assert post["exit_code"] == 127 and post["status"] == "failed" and "not found" in post["error"]
 
 
+def test_command_is_searched_on_path_as_execvp_does(repo: Path, tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, mode in ((first, 0o644), (second, 0o755)):  # the first one is not executable
+        folder.mkdir()
+        (folder / "tool").write_text(f"#!/bin/sh\necho {folder.name}\n")
+        (folder / "tool").chmod(mode)
+    env = {**os.environ, "PATH": f"{first}:{second}:{os.environ['PATH']}"}
+    result = monitor(repo, "tool", env=env)
+    assert result.returncode == 0 and result.stdout == b"second\n"
+    result = monitor(repo, "tool", env={**env, "PATH": f"{first}:{os.environ['PATH']}"})
+    assert result.returncode == 126 and b"cannot run the command" in result.stderr
+
+
+def test_command_gets_default_sigpipe(repo: Path) -> None:
+    # Python ignores SIGPIPE; a command inheriting that would complain instead of stopping.
+    result = monitor(repo, "sh", "-c", "yes | head -n 1")
+    assert result.returncode == 0 and result.stdout == b"y\n"
+    assert (only_capsule(repo / "vault") / "stderr.txt").read_bytes() == b""
+
+
 def test_killed_command_is_128_plus_signal(repo: Path) -> None:
     result = monitor(repo, *py("import os, signal; os.kill(os.getpid(), signal.SIGKILL)"))
     assert result.returncode == 128 + 9
