@@ -26,8 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-# What the `capsula` console script runs: import the (cached) module, call main().
-CAPSULA = [PY, "-c", "import sys; from capsula import main; sys.exit(main())"]
+# What the `capsula` console script runs: import the (cached) module, call cli().
+CAPSULA = [PY, "-c", "from capsula import cli; cli()"]
 GIT_ENV = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@b"}
 
 
