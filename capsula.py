@@ -471,48 +471,84 @@ def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> 
     )
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _parse_toml(path: Path, text: bytes) -> dict[str, Any]:
     import tomllib
 
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(text.decode())
     except tomllib.TOMLDecodeError as exc:
         # tomllib says "... (at line 3, column 7)": keep it, it is where to look.
         raise ConfigError(f"invalid TOML in {path}: {exc}; fix the syntax there") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {user_error_text(exc)}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"invalid TOML in {path}: not UTF-8 ({exc.reason}); save it as UTF-8") from exc
 
 
-def _config_table(path: Path) -> dict[str, Any] | None:
-    """The Capsula tables in a config file; None for a pyproject.toml without [tool.capsula]."""
-    if path.name != "pyproject.toml":
-        return _read_toml(path)
-    try:
-        if b"capsula" not in path.read_bytes():  # skip other projects' files, broken or not
-            return None
-    except OSError:
-        return None
-    table = _read_toml(path).get("tool", {}).get("capsula")
-    if table is not None and not isinstance(table, dict):
-        raise ConfigError(f"'tool.capsula' in {path} must be a table")
-    return table
+def _parsed_cache_path(path: Path, text: bytes) -> Path:
+    """Where the tables parsed from a config file are kept: in the .cache of the vault
+    the text names (found by a plain search; a wrong guess only costs a parse)."""
+    import zlib
+
+    named = re.search(rb'^[ \t]*vault-directory[ \t]*=[ \t]*"([^"\\\n]+)"', text, re.MULTILINE)
+    vault = path.parent / (os.fsdecode(named[1]) if named else "vault")
+    return vault / ".cache" / f"config-{zlib.crc32(os.fsencode(path)):08x}.json"
 
 
-def _config_in(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+class ConfigText(NamedTuple):
+    """A config file's Capsula tables (None: a pyproject.toml without [tool.capsula]), and
+    its text when it had to be parsed (None when the vault's cache had the same text)."""
+
+    table: dict[str, Any] | None
+    parsed: bytes | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> ConfigText:
+        """Importing tomllib costs more than all the rest `capsula monitor` does before the
+        command starts, so the parse of a config is kept in the vault next to the exact
+        text it came from, and used only while the file holds that same text."""
+        pyproject = path.name == "pyproject.toml"
+        try:
+            text = path.read_bytes()
+        except OSError as exc:
+            if pyproject:
+                return cls(None)
+            raise ConfigError(f"cannot read {path}: {user_error_text(exc)}") from exc
+        if pyproject and b"capsula" not in text:  # skip other projects' files, broken or not
+            return cls(None)
+        cached = read_json(_parsed_cache_path(path, text))
+        with contextlib.suppress(UnicodeDecodeError, TypeError, KeyError):
+            if cached["path"] == str(path) and cached["text"] == text.decode():
+                return cls(cached["table"])
+        table: Any = _parse_toml(path, text)
+        if pyproject:
+            table = table.get("tool", {}).get("capsula")
+            if table is not None and not isinstance(table, dict):
+                raise ConfigError(f"'tool.capsula' in {path} must be a table")
+        return cls(table, text)
+
+    def keep(self, path: Path, vault: Path) -> None:
+        """Keep a fresh parse, once the config proved valid and its vault exists."""
+        if self.parsed is None or not vault.is_dir():
+            return
+        cache = _parsed_cache_path(path, self.parsed)
+        if cache.parent.parent != vault:  # the text names its vault in a way the search missed
+            return
+        with contextlib.suppress(OSError, CapsulaError, TypeError, ValueError):  # TOML dates: not JSON
+            cache.parent.mkdir(exist_ok=True)
+            write_json(cache, {"path": str(path), "text": self.parsed.decode(), "table": self.table})
+
+
+def _config_in(folder: Path) -> tuple[Path, ConfigText] | None:
     """The config file in one folder (capsula.toml first) and its Capsula tables."""
     for name in (CONFIG_NAME, "pyproject.toml"):
         candidate = folder / name
         if candidate.is_file():
-            table = _config_table(candidate)
-            if table is not None:
-                return candidate, table
+            found = ConfigText.read(candidate)
+            if found.table is not None:
+                return candidate, found
     return None
 
 
-def find_config(start: Path) -> tuple[Path, dict[str, Any]] | None:
+def find_config(start: Path) -> tuple[Path, ConfigText] | None:
     """The nearest capsula.toml, or pyproject.toml with [tool.capsula], from start upward."""
     for folder in (start, *start.parents):
         found = _config_in(folder)
@@ -532,7 +568,7 @@ def load_config(directory: str | os.PathLike[str] | None = None, *, cwd: Path | 
     if directory is not None:
         given = (cwd / directory).absolute()
         if given.is_file():
-            found: tuple[Path, dict[str, Any]] | None = (given, _config_table(given) or {})
+            found: tuple[Path, ConfigText] | None = (given, ConfigText.read(given))
         elif given.is_dir():
             found = _config_in(given)
         else:
@@ -541,8 +577,12 @@ def load_config(directory: str | os.PathLike[str] | None = None, *, cwd: Path | 
     else:
         found = find_config(cwd)
         root = found[0].parent if found else (_find_git_top(cwd) or cwd)
-    source, table = found if found else (None, {})
-    return parse_config(table, root=root, source=source)
+    if not found:
+        return parse_config({}, root=root, source=None)
+    source, text = found
+    config = parse_config(text.table or {}, root=root, source=source)
+    text.keep(source, config.vault)
+    return config
 
 
 # =============================================================================

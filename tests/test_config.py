@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,3 +140,53 @@ def test_the_sample_projects_config_in_a_copy(tmp_path: Path) -> None:
     shutil.copy(REPO / "capsula.toml", tmp_path / "capsula.toml")
     git(tmp_path, "init", "-q")
     assert set(capsula.load_config(tmp_path).items) == {"calc-pi", "calc-pi-dec"}
+
+
+def _loads_without_tomllib(root: Path) -> tuple[bool, dict[str, object]]:
+    code = (
+        "import json, sys, capsula\n"
+        "config = capsula.load_config()\n"
+        "print(json.dumps(['tomllib' in sys.modules, config.as_dict()]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(REPO)},
+                         capture_output=True, check=True).stdout  # fmt: skip
+    parsed, settings = json.loads(out)
+    return parsed, settings
+
+
+@pytest.mark.parametrize(
+    ("vault", "file"), [(None, "capsula.toml"), ("runs", "capsula.toml"), ("runs", "pyproject.toml")]
+)
+def test_parsed_config_is_kept_in_the_vault_for_the_same_text_only(repo: Path, vault: str | None, file: str) -> None:
+    prefix = "[tool.capsula.capture]" if file == "pyproject.toml" else "[capture]"
+    setting = f'vault-directory = "{vault}"\n' if vault else ""
+    path = repo / file
+    path.write_text(f'{prefix}\n{setting}environment-variables = ["HOME"]\n')
+    assert _loads_without_tomllib(repo)[0] is True  # no vault yet: nothing kept
+    assert not (repo / (vault or "vault")).exists()
+    assert run_capsula("capture", cwd=repo).returncode == 0
+    assert _loads_without_tomllib(repo)[0] is True  # parsed, and now kept
+    assert list((repo / (vault or "vault") / ".cache").glob("config-*.json"))
+    parsed, settings = _loads_without_tomllib(repo)
+    assert parsed is False and settings["environment_variables"] == ["HOME"]
+    # Same size, same mtime, other text: parsed again, never the stale tables.
+    stat = path.stat()
+    path.write_text(path.read_text().replace('"HOME"', '"USER"'))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    parsed, settings = _loads_without_tomllib(repo)
+    assert parsed is True and settings["environment_variables"] == ["USER"]
+
+
+def test_config_naming_its_vault_unusually_is_parsed_every_time(repo: Path) -> None:
+    write_config(repo, '[capture]\n"vault-directory" = "runs"\n')  # quoted key: the search misses it
+    assert run_capsula("capture", cwd=repo).returncode == 0
+    assert _loads_without_tomllib(repo)[0] is True
+    assert _loads_without_tomllib(repo)[0] is True
+    assert not (repo / "vault").exists() and not list((repo / "runs" / ".cache").glob("config-*"))
+
+
+def test_invalid_config_is_not_kept(repo: Path) -> None:
+    assert run_capsula("capture", cwd=repo).returncode == 0  # the vault exists
+    write_config(repo, "[capture]\ninclude-cpu = 3\n")
+    assert run_capsula("capture", cwd=repo).returncode == 2
+    assert not list((repo / "vault" / ".cache").glob("config-*"))
