@@ -19,6 +19,7 @@ One module, standard library only; copy it into a repository and run it as
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import errno
@@ -31,24 +32,42 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
+
+# Modules that only some commands need (subprocess, hashlib, tomllib, platform, shutil,
+# difflib, datetime, threading ...) are imported where they are used, and `typing` only
+# by type checkers: `import capsula` stays cheap (benchmarks/run.py holds it to 25 ms
+# above a bare interpreter start), and so does `capsula monitor` (at most 4x that start).
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, which type checkers read as True
 
 if TYPE_CHECKING:
     import datetime
+    from typing import Any, NamedTuple, NoReturn, TypeVar
 
-# Modules that only some commands need (subprocess, hashlib, tomllib, platform, shutil,
-# difflib, datetime, threading ...) are imported where they are used: `import capsula`
-# stays cheap (benchmarks/run.py holds it to 25 ms above a bare interpreter start).
+    JSON = Any  # what json.loads returns; kept loose on purpose
+    F = TypeVar("F", bound=Callable[..., Any])
+    T = TypeVar("T")
+else:
+
+    class _NamedTupleMeta(type):
+        """typing.NamedTuple's class syntax, built on collections.namedtuple."""
+
+        def __new__(cls, name: str, bases: tuple[type, ...], body: dict[str, object]) -> type:
+            if not bases:
+                return super().__new__(cls, name, bases, body)
+            fields = list(body.get("__annotations__", {}))
+            base = collections.namedtuple(name, fields, defaults=[body[f] for f in fields if f in body])
+            rest = {k: v for k, v in body.items() if k not in fields and k != "__annotations__"}
+            return type(name, (base,), {**rest, "__slots__": ()})
+
+    class NamedTuple(metaclass=_NamedTupleMeta):
+        pass
+
 
 __all__ = [
     "CapsulaError", "CaptureError", "Config", "ConfigError", "FileSpec", "VaultError",
     "capture", "cli", "get_capsule_dir", "load_config", "main", "monitor",
 ]  # fmt: skip
 __version__ = "0.1.0"
-
-JSON = Any  # what json.loads returns; kept loose on purpose
-F = TypeVar("F", bound=Callable[..., Any])
-T = TypeVar("T")
 
 
 # =============================================================================
