@@ -891,13 +891,11 @@ def _untracked_size(path: Path) -> int:
 
 
 def _write_git_diff(top: Path, index: Path, diff_path: Path, *, base: str, untracked: list[str]) -> None:
-    import shutil
-
     tmp_index = diff_path.with_name(f".{diff_path.name}.index")
     try:
         if untracked:
             if index.exists():
-                shutil.copyfile(index, tmp_index)
+                copy_and_hash(index, tmp_index, None)
             paths = b"\0".join(os.fsencode(u) for u in untracked) + b"\0"
             _git(top, *GIT_ADD_INTENT, stdin=paths, index=tmp_index)
         patch = _git(top, *GIT_DIFF, base, index=tmp_index if untracked else None)
@@ -1565,45 +1563,44 @@ def _enlarge_pipe(fd: int) -> None:
 def _pump(pid: int, tees: Sequence[_Tee]) -> tuple[int, Any]:
     """Copy the command's output as it comes until it exits and its pipes close (or stay
     silent DRAIN_IDLE seconds after it exits); return its wait status and rusage."""
-    import selectors
+    import select
 
-    sel = selectors.DefaultSelector()
-    for tee in tees:
-        sel.register(tee.src, selectors.EVENT_READ, tee)
+    poller = select.poll()
+    open_streams = {tee.src: tee for tee in tees}
+    for fd in open_streams:
+        poller.register(fd, select.POLLIN)
     pidfd: int | None = None
     with contextlib.suppress(AttributeError, OSError):  # Linux >= 5.3; elsewhere: poll
         pidfd = os.pidfd_open(pid)
-        sel.register(pidfd, selectors.EVENT_READ, None)
+        poller.register(pidfd, select.POLLIN)
     status: int | None = None
     rusage: Any = None
     exited_at = 0.0
     view = memoryview(bytearray(1 << 20))  # reused: no fresh pages for every read
     try:
         while True:
-            streams = [k for k in sel.get_map().values() if k.data is not None]
-            if status is not None and (not streams or time.monotonic() - exited_at > DRAIN_MAX):
+            if status is not None and (not open_streams or time.monotonic() - exited_at > DRAIN_MAX):
                 break
-            if status is None and not streams and pidfd is None:
+            if status is None and not open_streams and pidfd is None:
                 _, status, rusage = os.wait4(pid, 0)
                 continue
             timeout = DRAIN_IDLE if status is not None else (None if pidfd is not None else 0.05)
-            events = sel.select(timeout)
+            events = poller.poll(None if timeout is None else timeout * 1000)
             if status is not None and not events:
                 break
-            for key, _ in events:
-                if key.data is None:
-                    sel.unregister(key.fd)
+            for fd, _ in events:
+                if fd == pidfd:
+                    poller.unregister(fd)
                     _, status, rusage = os.wait4(pid, 0)
                     exited_at = time.monotonic()
-                    continue
-                if not key.data.pump(view):
-                    sel.unregister(key.fd)
+                elif not open_streams[fd].pump(view):  # the end of that stream
+                    poller.unregister(fd)
+                    del open_streams[fd]
             if status is None and pidfd is None:
                 done, st, ru = os.wait4(pid, os.WNOHANG)
                 if done:
                     status, rusage, exited_at = st, ru, time.monotonic()
     finally:
-        sel.close()
         if pidfd is not None:
             os.close(pidfd)
     assert status is not None
