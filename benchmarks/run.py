@@ -146,23 +146,26 @@ def bench_output(report: Report, project: Path, size_mb: int, runs: int) -> None
     chunk = 1 << 16
     code = f"import os\nb = b'x' * {chunk - 1} + b'\\n'\nfor _ in range({size_mb << 20} // {chunk}): os.write(1, b)\n"
     sink = project.parent / "out.bin"  # outside the repository: the tree stays clean, as in the other runs
+    tee_file = project.parent / "tee.bin"
     commands = {
         "bare": [PY, "-c", code],
         "capsula": [*CAPSULA, "monitor", "-q", PY, "-c", code],
-        "tee": ["sh", "-c", f'{PY} -c "$0" | tee {project.parent / "tee.bin"}', code],
+        "tee": ["sh", "-c", f'{PY} -c "$0" | tee {tee_file}', code],
     }
     times: dict[str, list[float]] = {name: [] for name in commands}
     peak = 0
-    for _ in range(runs):  # interleaved, so that a slow spell of the machine hits all three
-        for name, cmd in commands.items():
+    # bare and capsula interleaved, so that a slow spell of the machine hits both; tee after.
+    for names in [("bare", "capsula")] * runs + [("tee",)] * runs:
+        for name in names:
             os.sync()  # nothing left to write back from the run before: each is timed on its own writes
-            elapsed, rss = peak_rss_while_running(cmd, cwd=project, stdout_path=sink)
+            elapsed, rss = peak_rss_while_running(commands[name], cwd=project, stdout_path=sink)
+            times[name].append(elapsed)
+            peak = max(peak, rss) if name == "capsula" else peak
             # Kept, the capsules' 200 MB each would pile up over the runs, and the later runs
             # would time the disk's backlog rather than Capsula.
             for capsule in (project / "vault").glob("[!.]*"):
                 shutil.rmtree(capsule)
-            times[name].append(elapsed)
-            peak = max(peak, rss) if name == "capsula" else peak
+    tee_file.unlink()
     bare, wall_time, tee = (statistics.median(times[name]) for name in commands)
     ratio = wall_time / bare
     report.add(
