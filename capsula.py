@@ -633,17 +633,6 @@ def spawn(args: Sequence[str], *, env: Mapping[str, str], fds: Sequence[int | No
     raise error or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
 
 
-def _anonymous_file() -> int:
-    """A file with no name, for a program's input or output (freed when closed)."""
-    if hasattr(os, "memfd_create"):
-        return os.memfd_create("capsula", os.MFD_CLOEXEC)
-    import tempfile
-
-    fd, name = tempfile.mkstemp()
-    os.unlink(name)
-    return fd
-
-
 def _read_back(fd: int) -> bytes:
     chunks, offset = [], 0
     while chunk := os.pread(fd, 1 << 24, offset):
@@ -656,13 +645,24 @@ Finish = Callable[[], tuple[int, bytes, bytes]]  # waits for a started process: 
 
 
 def start_process(args: Sequence[str], *, env: Mapping[str, str], stdin: bytes | None = None) -> Finish:
-    """Start a program now and return what waits for it. Its output goes to anonymous
-    files, not pipes: nothing has to be read while it runs, so independent programs
-    overlap without threads. The returned callable must be called (it reaps the program)."""
+    """Start a program now and return what waits for it (it must be called: it reaps the
+    program). Its output goes to anonymous in-memory files, not pipes: nothing has to be
+    read while it runs, so independent programs overlap without threads."""
+    if not hasattr(os, "memfd_create"):  # not Linux: subprocess's pipes, read while waiting
+        import subprocess
+
+        pipe = subprocess.PIPE
+        proc = subprocess.Popen(args, env=env, stdin=pipe if stdin else subprocess.DEVNULL, stdout=pipe, stderr=pipe)
+
+        def communicate() -> tuple[int, bytes, bytes]:
+            out, err = proc.communicate(stdin)
+            return proc.returncode, out, err
+
+        return communicate
     files: list[int] = []
     try:
-        files += [_anonymous_file(), _anonymous_file()]
-        files.append(_anonymous_file() if stdin else os.open(os.devnull, os.O_RDONLY))
+        files += [os.memfd_create("capsula-out"), os.memfd_create("capsula-err")]
+        files.append(os.memfd_create("capsula-in") if stdin else os.open(os.devnull, os.O_RDONLY))
         if stdin:
             _write_all(files[2], stdin)
             os.lseek(files[2], 0, os.SEEK_SET)

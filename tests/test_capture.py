@@ -368,3 +368,16 @@ def test_git_output_larger_than_a_pipe_is_read_whole(repo: Path) -> None:
     assert result.returncode == 0, result.stderr
     entry = load(only_capsule(repo / "vault") / "context.json")["git"]["project"]
     assert sorted(entry["untracked"]) == [f"many/{n}" for n in names]
+
+
+def test_git_without_memfd_uses_pipes(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where there is no memfd_create (not Linux), git's output comes through subprocess's pipes."""
+    (repo / "new.txt").write_text("untracked\n")
+    (repo / "data.txt").write_text("changed\n")
+    monkeypatch.delattr(os, "memfd_create")
+    monkeypatch.chdir(repo)
+    capsule = capsula.capture(capsula.load_config(repo))
+    entry = load(capsule.path / "context.json")["git"]["project"]
+    patch = (capsule.path / "project.diff").read_text()
+    assert entry["dirty"] and entry["untracked"] == ["new.txt"]
+    assert "+untracked" in patch and "+changed" in patch

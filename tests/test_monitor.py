@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import CAPSULA, REPO, load, only_capsule, run_capsula, write_config
 
+import capsula
+
 REFERENCE_VAULT = REPO.parent / "shared" / "reference" / "capsula-0.0.19-vault"
 
 
@@ -213,3 +215,15 @@ def test_a_background_child_holding_the_pipe_does_not_hang_capsula(repo: Path) -
     result = monitor(repo, *py(code), timeout=30)
     assert result.returncode == 0 and time.monotonic() - start < 15
     assert (only_capsule(repo / "vault") / "stdout.txt").read_bytes() == b"parent done\n"
+
+
+def test_monitor_without_pidfd_polls_for_the_exit(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Where there is no pidfd (not Linux), the command's exit is polled for."""
+    monkeypatch.delattr(os, "pidfd_open")
+    monkeypatch.chdir(repo)
+    code = capsula.main(["monitor", "-q", *py("import sys, time; print('out'); time.sleep(0.2); sys.exit(3)")])
+    assert code == 3 and capfd.readouterr().out == "out\n"
+    post = load(only_capsule(repo / "vault") / "post-run-info.json")
+    assert post["exit_code"] == 3 and post["stdout"] == "out\n"
