@@ -642,11 +642,12 @@ def _read_back(fd: int) -> bytes:
 
 
 Finish = Callable[[], tuple[int, bytes, bytes]]  # waits for a started process: (exit code, stdout, stderr)
+Runner = Callable[..., Finish]  # start_process, or what a test passes instead
 
 
 def start_process(args: Sequence[str], *, env: Mapping[str, str], stdin: bytes | None = None) -> Finish:
-    """Start a program now and return what waits for it (it must be called: it reaps the
-    program). Its output goes to anonymous in-memory files, not pipes: nothing has to be
+    """The one place collectors start a program (tests may pass another runner): it starts
+    now, and the returned callable waits for it (it must be called: it reaps the program). Its output goes to anonymous in-memory files, not pipes: nothing has to be
     read while it runs, so independent programs overlap without threads."""
     if not hasattr(os, "memfd_create"):  # not Linux: subprocess's pipes, read while waiting
         import subprocess
@@ -803,7 +804,7 @@ def parse_git_status(out: bytes) -> dict[str, JSON]:
 
 
 def _git_start(
-    cwd: Path, *args: str, stdin: bytes | None = None, ok: int = 0, index: Path | None = None
+    runner: Runner, cwd: Path, *args: str, stdin: bytes | None = None, ok: int = 0, index: Path | None = None
 ) -> Callable[[], bytes]:
     """Start git now; the returned callable waits for its stdout (CaptureError on failure)."""
     # GIT_DIR & co. from a hook or a wrapper would point git at another repository.
@@ -811,7 +812,7 @@ def _git_start(
     env.update(LC_ALL="C", GIT_OPTIONAL_LOCKS="0", GIT_LITERAL_PATHSPECS="1")
     if index is not None:
         env["GIT_INDEX_FILE"] = str(index)
-    finish = start_process(["git", "-C", str(cwd), *args], env=env, stdin=stdin)
+    finish = runner(["git", "-C", str(cwd), *args], env=env, stdin=stdin)
 
     def stdout() -> bytes:
         code, out, err = finish()
@@ -823,8 +824,8 @@ def _git_start(
     return stdout
 
 
-def _git(cwd: Path, *args: str, **options: Any) -> bytes:
-    return _git_start(cwd, *args, **options)()
+def _git(runner: Runner, cwd: Path, *args: str, **options: Any) -> bytes:
+    return _git_start(runner, cwd, *args, **options)()
 
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
@@ -832,7 +833,9 @@ GIT_DIFF = ("diff", "--binary", "--no-color", "--no-ext-diff", "--no-textconv", 
 GIT_ADD_INTENT = ("add", "--intent-to-add", "--pathspec-from-file=-", "--pathspec-file-nul")
 
 
-def collect_git(name: str, rel: str, *, config: Config, capsule_dir: Path) -> dict[str, JSON]:
+def collect_git(
+    name: str, rel: str, *, config: Config, capsule_dir: Path, runner: Runner = start_process
+) -> dict[str, JSON]:
     """The state of one repository, and (into ``<capsule_dir>/<name>.diff``) every
     uncommitted change as a patch.
 
@@ -848,9 +851,9 @@ def collect_git(name: str, rel: str, *, config: Config, capsule_dir: Path) -> di
         # Three independent git calls: started together, they overlap.
         status_out, rev_parse, remotes = wait_all(
             [
-                _git_start(path, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all"),
-                _git_start(path, "rev-parse", "--show-toplevel", "--git-path", "index"),
-                _git_start(path, "config", "-z", "--get-regexp", r"^remote\..*\.url$", ok=1),  # 1: none
+                _git_start(runner, path, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all"),
+                _git_start(runner, path, "rev-parse", "--show-toplevel", "--git-path", "index"),
+                _git_start(runner, path, "config", "-z", "--get-regexp", r"^remote\..*\.url$", ok=1),  # 1: none
             ]
         )
         status = parse_git_status(status_out)
@@ -875,7 +878,7 @@ def collect_git(name: str, rel: str, *, config: Config, capsule_dir: Path) -> di
     entry["diff_file"] = diff_path.name
     try:
         if entry["dirty"]:
-            _write_git_diff(top, index, diff_path, base=status["sha"] or EMPTY_TREE, untracked=untracked)
+            _write_git_diff(runner, top, index, diff_path, base=status["sha"] or EMPTY_TREE, untracked=untracked)
         else:  # nothing to diff: no need to ask git
             write_bytes_atomic(diff_path, b"")
     except (CaptureError, OSError) as exc:
@@ -890,15 +893,17 @@ def _untracked_size(path: Path) -> int:
         return 0
 
 
-def _write_git_diff(top: Path, index: Path, diff_path: Path, *, base: str, untracked: list[str]) -> None:
+def _write_git_diff(
+    runner: Runner, top: Path, index: Path, diff_path: Path, *, base: str, untracked: list[str]
+) -> None:
     tmp_index = diff_path.with_name(f".{diff_path.name}.index")
     try:
         if untracked:
             if index.exists():
                 copy_and_hash(index, tmp_index, None)
             paths = b"\0".join(os.fsencode(u) for u in untracked) + b"\0"
-            _git(top, *GIT_ADD_INTENT, stdin=paths, index=tmp_index)
-        patch = _git(top, *GIT_DIFF, base, index=tmp_index if untracked else None)
+            _git(runner, top, *GIT_ADD_INTENT, stdin=paths, index=tmp_index)
+        patch = _git(runner, top, *GIT_DIFF, base, index=tmp_index if untracked else None)
         write_bytes_atomic(diff_path, patch)
     finally:
         with contextlib.suppress(OSError):
@@ -1303,7 +1308,9 @@ def _collector(fn: Callable[[], JSON], *, thread: bool) -> Callable[[], JSON]:
     return lambda: value
 
 
-def collect_context(capsule: Capsule, environ: Mapping[str, str], *, in_place: bool = False) -> dict[str, JSON]:
+def collect_context(
+    capsule: Capsule, environ: Mapping[str, str], *, runner: Runner = start_process, in_place: bool = False
+) -> dict[str, JSON]:
     """Everything context.json holds, with independent collectors running concurrently.
     With in_place (verify), listed files are only hashed, never copied or moved."""
     config = capsule.config
@@ -1311,7 +1318,7 @@ def collect_context(capsule: Capsule, environ: Mapping[str, str], *, in_place: b
     stamp = _cpuinfo_stamp() if config.include_cpu else None
     cache = HostCache(config.vault, stamp)
     thread = len(repos) + config.include_cpu + config.include_packages > 1  # else nothing to overlap
-    git = functools.partial(collect_git, config=config, capsule_dir=capsule.path)
+    git = functools.partial(collect_git, config=config, capsule_dir=capsule.path, runner=runner)
     pending = {name: _collector(functools.partial(git, name, rel), thread=thread) for name, rel in repos}
     cpu_facts = functools.partial(collect_cpu, cache, has_cpuinfo=stamp is not None)
     cpu = _collector(cpu_facts, thread=thread) if config.include_cpu else None
@@ -1356,7 +1363,11 @@ def _base_manifest(kind: str, started: datetime.datetime) -> dict[str, JSON]:
 
 
 def capture(
-    config: Config | None = None, *, kind: str = "capture", environ: Mapping[str, str] | None = None
+    config: Config | None = None,
+    *,
+    kind: str = "capture",
+    environ: Mapping[str, str] | None = None,
+    runner: Runner = start_process,
 ) -> Capsule:
     """Create a capsule and write context.json into it.
 
@@ -1386,7 +1397,7 @@ def capture(
                     f"pre-capture command {command!r} failed with exit code {record['exit_code']}: {stderr}; "
                     f"fix it and run again (what was captured is in {path})"
                 )
-        context = collect_context(capsule, environ)
+        context = collect_context(capsule, environ, runner=runner)
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
         capsule.context.update(extra, status=status, error=str(exc) or type(exc).__name__, config=config.as_dict())
@@ -2168,7 +2179,7 @@ VERIFY_FIELDS = (
 )
 
 
-def verify_capsule(record: Record) -> tuple[list[str], list[str]]:
+def verify_capsule(record: Record, *, runner: Runner = start_process) -> tuple[list[str], list[str]]:
     """Differences between the capsule and the current environment that could change a
     result, and notes on what could not be compared."""
     import tempfile
@@ -2178,7 +2189,7 @@ def verify_capsule(record: Record) -> tuple[list[str], list[str]]:
     # The temporary index and patches live in the vault (nothing is written outside it).
     with tempfile.TemporaryDirectory(prefix=".verify-", dir=record.path.parent) as tmp:
         now_ctx = Capsule(path=Path(tmp), config=config)
-        current = collect_context(now_ctx, os.environ, in_place=True)
+        current = collect_context(now_ctx, os.environ, runner=runner, in_place=True)
         now_diffs = {
             n: (Path(tmp) / f"{n}.diff").read_bytes() for n in current["git"] if (Path(tmp) / f"{n}.diff").exists()
         }
@@ -2231,7 +2242,7 @@ def _rerun_args(record: Record) -> list[str]:
 
 
 @contextlib.contextmanager
-def rebuilt_worktree(record: Record) -> Iterator[Path]:
+def rebuilt_worktree(record: Record, *, runner: Runner = start_process) -> Iterator[Path]:
     """A temporary git worktree (in the vault) at the recorded sha with the capsule's diff
     applied, untracked files included; removed afterwards, also on Ctrl-C. The user's own
     working tree, index and branches are not touched."""
@@ -2246,17 +2257,17 @@ def rebuilt_worktree(record: Record) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=".rerun-", dir=record.path.parent))
     tree = tmp / "tree"
     try:
-        _git(source, "worktree", "add", "--detach", "--quiet", str(tree), str(repo["sha"]))
+        _git(runner, source, "worktree", "add", "--detach", "--quiet", str(tree), str(repo["sha"]))
         patch = _diff_files(record).get(f"{name}.diff", b"")
         if patch.strip():
-            _git(tree, "apply", "--binary", "--whitespace=nowarn", str(record.path / f"{name}.diff"))
+            _git(runner, tree, "apply", "--binary", "--whitespace=nowarn", str(record.path / f"{name}.diff"))
         yield tree / str(repo.get("root_in_repo", "."))
     finally:
         with contextlib.suppress(CapsulaError, OSError):
-            _git(source, "worktree", "remove", "--force", str(tree))
+            _git(runner, source, "worktree", "remove", "--force", str(tree))
         shutil.rmtree(tmp, ignore_errors=True)
         with contextlib.suppress(CapsulaError, OSError):
-            _git(source, "worktree", "prune")
+            _git(runner, source, "worktree", "prune")
 
 
 def _restore_inputs(record: Record, root: Path) -> None:

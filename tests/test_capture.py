@@ -381,3 +381,23 @@ def test_git_without_memfd_uses_pipes(repo: Path, monkeypatch: pytest.MonkeyPatc
     patch = (capsule.path / "project.diff").read_text()
     assert entry["dirty"] and entry["untracked"] == ["new.txt"]
     assert "+untracked" in patch and "+changed" in patch
+
+
+def test_a_clean_tree_costs_three_git_calls_started_together(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[tuple[str, str]] = []
+
+    def runner(args: list[str], **options: Any) -> Any:
+        events.append(("start", args[3]))  # git -C <path> <subcommand>
+        finish = capsula.start_process(args, **options)
+
+        def wait() -> Any:
+            events.append(("wait", args[3]))
+            return finish()
+
+        return wait
+
+    monkeypatch.chdir(repo)
+    capsule = capsula.capture(capsula.load_config(repo), runner=runner)
+    calls = ["status", "rev-parse", "config"]
+    assert events == [("start", c) for c in calls] + [("wait", c) for c in calls]
+    assert load(capsule.path / "context.json")["git"]["project"]["dirty"] is False
