@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         project = make_project(work / "project")
         bench_startup(report, project, runs)
         bench_cpu(report, project, 3 if args.quick else 7)
-        bench_output(report, project, 50 if args.quick else 200, 3 if args.quick else 7)
+        bench_output(report, project, 50 if args.quick else 200, 3 if args.quick else 11)
         bench_hash(report, work, 128 if args.quick else 1024, 1 if args.quick else 3)
         bench_decorator(report, project, 20 if args.quick else 100)
         bench_list(report, work, 1000 if args.quick else 10_000, 3 if args.quick else 5)
