@@ -115,16 +115,8 @@ TEXT_LIMIT = 1 << 20  # bytes of stdout/stderr/command output kept inline in JSO
 UNTRACKED_LIMIT = 10 << 20  # bytes: larger untracked files are listed, not diffed
 REDACTED = "<redacted>"
 DEFAULT_SECRET_PATTERNS = (
-    "TOKEN",
-    "SECRET",
-    "PASSWORD",
-    "PASSWD",
-    "API_KEY",
-    "APIKEY",
-    "ACCESS_KEY",
-    "PRIVATE",
-    "CREDENTIAL",
-)
+    "TOKEN", "SECRET", "PASSWORD", "PASSWD", "API_KEY", "APIKEY", "ACCESS_KEY", "PRIVATE", "CREDENTIAL",
+)  # fmt: skip
 
 
 def now() -> datetime.datetime:
@@ -647,8 +639,9 @@ Runner = Callable[..., Finish]  # start_process, or what a test passes instead
 
 def start_process(args: Sequence[str], *, env: Mapping[str, str], stdin: bytes | None = None) -> Finish:
     """The one place collectors start a program (tests may pass another runner): it starts
-    now, and the returned callable waits for it (it must be called: it reaps the program). Its output goes to anonymous in-memory files, not pipes: nothing has to be
-    read while it runs, so independent programs overlap without threads."""
+    now, and the returned callable waits for it (call it: it reaps the program). The output
+    goes to in-memory files, not pipes: nothing has to be read while the program runs, so
+    independent programs overlap without threads."""
     if not hasattr(os, "memfd_create"):  # not Linux: subprocess's pipes, read while waiting
         import subprocess
 
@@ -688,16 +681,15 @@ def start_process(args: Sequence[str], *, env: Mapping[str, str], stdin: bytes |
 
 def wait_all(waits: Sequence[Callable[[], bytes]]) -> list[bytes]:
     """Wait for every started program, then raise the first failure, if any."""
-    results: list[bytes | BaseException] = []
+    results, errors = [], []
     for wait in waits:
         try:
             results.append(wait())
-        except Exception as exc:  # noqa: BLE001 - re-raised below, once all are reaped
-            results.append(exc)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results  # type: ignore[return-value]
+        except Exception as exc:  # noqa: BLE001 - raised below, once all are reaped
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+    return results
 
 
 def warn(message: str, warnings: list[str] | None = None) -> None:
@@ -1744,13 +1736,9 @@ def monitor_command(
             run = run_command(args, env=env, capsule=capsule.path, router=router)
         except Interrupted as exc:  # before the command started
             run = {
-                "exit_code": 128 + exc.signum,
-                "run_time": 0.0,
-                "signal": None,
-                "signal_number": None,
-                "error": "interrupted before the command started",
-                "resource_usage": None,
-            }
+                "exit_code": 128 + exc.signum, "run_time": 0.0, "signal": None, "signal_number": None,
+                "error": "interrupted before the command started", "resource_usage": None,
+            }  # fmt: skip
         files: dict[str, JSON] = {}
         try:
             files = _capture_items(capsule, items)
