@@ -227,3 +227,12 @@ def test_monitor_without_pidfd_polls_for_the_exit(
     assert code == 3 and capfd.readouterr().out == "out\n"
     post = load(only_capsule(repo / "vault") / "post-run-info.json")
     assert post["exit_code"] == 3 and post["stdout"] == "out\n"
+
+
+def test_command_inherits_the_descriptors_capsula_was_given(repo: Path, tmp_path: Path) -> None:
+    # As `time` or `env` do: make's jobserver pipe, or a `3>log` redirection, reach the command.
+    log = tmp_path / "fd.log"
+    with open(log, "wb") as f:
+        code = f"import os; os.write({f.fileno()}, b'through')"
+        result = monitor(repo, *py(code), pass_fds=(f.fileno(),))
+    assert result.returncode == 0 and log.read_bytes() == b"through"
