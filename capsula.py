@@ -1155,11 +1155,13 @@ def stored_name(rel: str, reserved: frozenset[str]) -> str:
 def copy_and_hash(src: Path, dest: Path, algorithm: str | None) -> str | None:
     """Copy src to dest through a temporary file, hashing the bytes as they are written:
     the hash is that of the stored copy, and dest is whole or absent."""
-    import hashlib
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-    digest = hashlib.new(algorithm) if algorithm else None
+    digest = None
+    if algorithm:  # a plain copy (git's index) need not load OpenSSL
+        import hashlib
+
+        digest = hashlib.new(algorithm)
     try:
         with open(src, "rb") as fin, open(tmp, "xb") as fout:
             buf = bytearray(COPY_CHUNK)
@@ -1643,7 +1645,8 @@ def run_command(args: Sequence[str], *, env: Mapping[str, str], capsule: Path, r
         if status is None:  # could not open the capsule files, or interrupted: not left behind
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            with contextlib.suppress(ChildProcessError):  # already reaped, before the failure
+                os.waitpid(pid, 0)
         router.child_pgid = None
         os.close(out_r)
         os.close(err_r)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import CAPSULA, REPO, load, only_capsule, run_capsula, write_config
@@ -236,3 +237,17 @@ def test_command_inherits_the_descriptors_capsula_was_given(repo: Path, tmp_path
         code = f"import os; os.write({f.fileno()}, b'through')"
         result = monitor(repo, *py(code), pass_fds=(f.fileno(),))
     assert result.returncode == 0 and log.read_bytes() == b"through"
+
+
+def test_a_failure_after_the_command_was_reaped_is_reported_as_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_pump = capsula._pump
+
+    def pump_then_fail(pid: int, tees: Any) -> Any:
+        real_pump(pid, tees)  # the command has exited and been reaped
+        raise RuntimeError("after the run")
+
+    monkeypatch.setattr(capsula, "_pump", pump_then_fail)
+    with pytest.raises(RuntimeError, match="after the run"):  # not a ChildProcessError from the cleanup
+        capsula.run_command(["true"], env=dict(os.environ), capsule=tmp_path, router=capsula.SignalRouter())
