@@ -6,20 +6,32 @@ One module, standard library only; copy it into a repository and run it as
 (``grep -n '^# ===' capsula.py`` prints them):
 
     Errors          CapsulaError and its subclasses, each with an exit code
-    Utilities       clocks, JSON helpers, atomic writes, hashing, redaction
+    Utilities       clocks, JSON, atomic writes, hashing, redaction
     Configuration   capsula.toml / [tool.capsula]: discovery and validation
-    Collectors      platform, environment, git, files, CPU, packages, commands
-    Vault           capsule directories and the files inside them
+    Records         each capsule file's name and shape, statuses, builders, the one reader
+    Processes       the one way programs start: explicit working directory and environment
+    Collectors      platform, environment, git, CPU, packages; facts kept between runs
+    Vault           capsule directories and the files stored in them
     Capture         the context of a run, written as context.json
     Monitor         running a command: live tee, signals, exit codes
     Decorator       @capsula.monitor for Python functions
     Reproduce       list, show, diff, verify, rerun and find capsules
     CLI             the argparse front end and main()
+
+Start-up budget: `capsula monitor -- true` is held to 4x `python -c pass`. Each trick
+below lives in one function, says why in a comment, and has a test of its behaviour:
+
+    imports         modules only some commands need are imported where they are used
+    spawn()         posix_spawn: no fork of this interpreter and no `subprocess` import
+    start_process() git's output goes to memfd files: three git calls overlap, no threads
+    HostCache       platform and CPU facts, once per boot, outside the vault
+    _monitor_args() `capsula monitor`'s usual arguments are parsed without argparse
+    _Tee.pump()     output moves pipe -> file -> terminal inside the kernel
+    cli()           the program exits without the interpreter's teardown
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import contextvars
 import errno
@@ -32,47 +44,36 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-
-# Modules that only some commands need (subprocess, hashlib, tomllib, platform, shutil,
-# difflib, datetime, threading ...) are imported where they are used, and `typing` only
-# by type checkers: `import capsula` stays cheap (benchmarks/run.py holds it to 25 ms
-# above a bare interpreter start), and so does `capsula monitor` (at most 4x that start).
-TYPE_CHECKING = False  # typing.TYPE_CHECKING, which type checkers read as True
+from typing import TYPE_CHECKING, Any, NamedTuple, cast, overload
 
 if TYPE_CHECKING:
     import datetime
-    from typing import Any, NamedTuple, NoReturn, TypeVar
+    from typing import NoReturn, ParamSpec, TypeAlias, TypedDict, TypeVar
 
-    JSON = Any  # what json.loads returns; kept loose on purpose
-    F = TypeVar("F", bound=Callable[..., Any])
+    JSON: TypeAlias = "bool | int | float | str | list[JSON] | dict[str, JSON] | None"
+    P = ParamSpec("P")
+    R = TypeVar("R")
     T = TypeVar("T")
-else:
-
-    class _NamedTupleMeta(type):
-        """typing.NamedTuple's class syntax, built on collections.namedtuple."""
-
-        def __new__(cls, name: str, bases: tuple[type, ...], body: dict[str, object]) -> type:
-            if not bases:
-                return super().__new__(cls, name, bases, body)
-            fields = list(body.get("__annotations__", {}))
-            base = collections.namedtuple(name, fields, defaults=[body[f] for f in fields if f in body])
-            rest = {k: v for k, v in body.items() if k not in fields and k != "__annotations__"}
-            return type(name, (base,), {**rest, "__slots__": ()})
-
-    class NamedTuple(metaclass=_NamedTupleMeta):
-        pass
-
 
 __all__ = [
-    "CapsulaError", "CaptureError", "Config", "ConfigError", "FileSpec", "VaultError",
-    "capture", "cli", "get_capsule_dir", "load_config", "main", "monitor",
-]  # fmt: skip
-__version__ = "0.1.0"
+    "CapsulaError",
+    "CaptureError",
+    "Config",
+    "ConfigError",
+    "FileSpec",
+    "VaultError",
+    "capture",
+    "cli",
+    "get_capsule_dir",
+    "get_capsule_name",
+    "load_config",
+    "main",
+    "monitor",
+]
+__version__ = "0.2.0"
 
 
-# =============================================================================
-# Errors
-# =============================================================================
+# === Errors ===================================================================
 
 
 class CapsulaError(Exception):
@@ -85,8 +86,9 @@ class CapsulaError(Exception):
         super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
-class ConfigError(CapsulaError):
-    """The configuration (or a command-line argument) is invalid."""
+class ConfigError(CapsulaError, ValueError):
+    """The configuration (or a command-line argument) is invalid. Also a ValueError, as
+    the validation error 0.0.19 raised was."""
 
     exit_code = 2
 
@@ -96,7 +98,11 @@ class CaptureError(CapsulaError):
 
 
 class VaultError(CapsulaError):
-    """The vault or a capsule in it cannot be read or written."""
+    """The vault or a capsule in it cannot be read or written, or a capsule is refused."""
+
+
+class NotInRunError(CapsulaError, RuntimeError):
+    """get_capsule_dir() outside a run. Also a RuntimeError, as in 0.0.19."""
 
 
 class Interrupted(BaseException):
@@ -106,17 +112,24 @@ class Interrupted(BaseException):
         super().__init__(signum)
         self.signum = signum
 
+    def __str__(self) -> str:
+        return f"interrupted by {signal_name(self.signum)}"
 
-# =============================================================================
-# Utilities
-# =============================================================================
+
+def signal_name(signum: int) -> str:
+    """SIGTERM for 15; real-time signals have no name of their own."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+# === Utilities ================================================================
 
 TEXT_LIMIT = 1 << 20  # bytes of stdout/stderr/command output kept inline in JSON
 UNTRACKED_LIMIT = 10 << 20  # bytes: larger untracked files are listed, not diffed
 REDACTED = "<redacted>"
-DEFAULT_SECRET_PATTERNS = (
-    "TOKEN", "SECRET", "PASSWORD", "PASSWD", "API_KEY", "APIKEY", "ACCESS_KEY", "PRIVATE", "CREDENTIAL",
-)  # fmt: skip
+DEFAULT_SECRET_PATTERNS = tuple("TOKEN SECRET PASSWORD PASSWD API_KEY APIKEY ACCESS_KEY PRIVATE CREDENTIAL".split())
 
 
 def now() -> datetime.datetime:
@@ -181,7 +194,7 @@ def in_background(fn: Callable[[], T]) -> Callable[[], T]:
         ok, value = box[0]
         if not ok:
             raise value
-        return value  # type: ignore[no-any-return]
+        return cast("T", value)
 
     return join
 
@@ -190,6 +203,10 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while len(view):
         view = view[os.write(fd, view) :]
+
+
+def user_error_text(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -210,7 +227,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def write_json(path: Path, data: JSON) -> None:
+def write_json(path: Path, data: object) -> None:
     """Write JSON atomically, indented as 0.0.19 wrote it."""
     try:
         text = json.dumps(data, indent=4, ensure_ascii=False).encode()
@@ -219,11 +236,16 @@ def write_json(path: Path, data: JSON) -> None:
     write_bytes_atomic(path, text + b"\n")
 
 
+JSON_READ_LIMIT = 64 << 20  # bytes: a larger capsule file is refused, not loaded
+
+
 def read_json(path: Path) -> JSON:
-    """Read a JSON file; None when it is missing or not valid JSON (an old or broken capsule)."""
+    """Read a JSON file; None when it is missing, too large or not valid JSON."""
     try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        with open(path, "rb") as f:
+            data = f.read(JSON_READ_LIMIT + 1)
+        return None if len(data) > JSON_READ_LIMIT else cast("JSON", json.loads(data))
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -279,13 +301,15 @@ def strip_credentials(url: str) -> str:
     return url.split("?", 1)[0].split("#", 1)[0] if "://" in url else url
 
 
-def user_error_text(exc: OSError) -> str:
-    return exc.strerror or str(exc)
+def is_inside(path: str | os.PathLike[str], base: str | os.PathLike[str], *, real: bool = False) -> bool:
+    """Whether path lies strictly inside base: by its text (normalized), or with real, by
+    where it really is once every link is resolved."""
+    norm = os.path.realpath if real else os.path.normpath
+    inner, outer = norm(os.path.join(base, path)), norm(base)
+    return inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
-# =============================================================================
-# Configuration
-# =============================================================================
+# === Configuration ============================================================
 
 CONFIG_NAME = "capsula.toml"
 
@@ -327,11 +351,19 @@ class Config(NamedTuple):
     def as_dict(self) -> dict[str, JSON]:
         """The settings a capsule records, so that verify and rerun can use them later
         (the items are recorded with each run that names them)."""
-        settings = {k: v for k, v in self._asdict().items() if k not in ("root", "items")}
         return {
-            **settings,
-            "source": str(self.source or "") or None,
+            "source": str(self.source) if self.source else None,
+            "vault_directory": self.vault_directory,
+            "capsule_template": self.capsule_template,
+            "include_cpu": self.include_cpu,
+            "include_packages": self.include_packages,
+            "pre_capture_commands": list(self.pre_capture_commands),
+            "environment_variables": list(self.environment_variables),
             "files": {f.path: f.as_dict() for f in self.files},
+            "git_repositories": None if self.git_repositories is None else dict(self.git_repositories),
+            "secret_patterns": list(self.secret_patterns),
+            "secret_allow": list(self.secret_allow),
+            "redact_arguments": self.redact_arguments,
         }
 
 
@@ -381,7 +413,8 @@ def _describe(value: object) -> str:
     return f"{kind.get(type(value), type(value).__name__)} ({safe_repr(value)[:60]})"
 
 
-def _file_specs(raw: Mapping[str, Any], *, where: str, source: str, root: Path) -> tuple[FileSpec, ...]:
+def file_specs(raw: Mapping[str, Any], *, where: str, source: str, root: Path) -> tuple[FileSpec, ...]:
+    """Validated file entries (a config's, or the items a capsule recorded for rerun)."""
     specs = []
     for path, entry in raw.items():
         spec = FileSpec(path=path, **{k: entry[k] for k in ("hash", "copy", "move") if k in entry})
@@ -396,7 +429,7 @@ def _file_specs(raw: Mapping[str, Any], *, where: str, source: str, root: Path) 
             spec = spec._replace(hash=name)
         if not path or "\0" in path:
             raise ConfigError(f"{key} is not a valid path; name a file relative to the root")
-        if (spec.copy or spec.move) and not _is_inside(root / path, root):
+        if (spec.copy or spec.move) and not is_inside(path, root):
             raise ConfigError(f"{key} lies outside the root {root}; only files inside it can be copied or moved")
         specs.append(spec)
     return tuple(specs)
@@ -414,10 +447,6 @@ def _hash_usable(name: str) -> bool:
     return True
 
 
-def _is_inside(path: Path, root: Path) -> bool:
-    return os.path.normpath(root / path).startswith(os.path.normpath(root) + os.sep)
-
-
 def _check_template(template: str, *, source: str) -> None:
     try:
         name = now().strftime(template)
@@ -430,7 +459,7 @@ def _check_template(template: str, *, source: str) -> None:
         )
 
 
-def _find_git_top(path: Path) -> Path | None:
+def find_git_top(path: Path) -> Path | None:
     """The work tree that contains path, found as git finds it (a .git file or directory)."""
     for d in (path, *path.parents):
         if (d / ".git").exists():
@@ -456,12 +485,12 @@ def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> 
             key = f"'capture.git.repositories.{name}' in {where}"
             if not name or name.startswith(".") or "/" in name or os.sep in name or "\0" in name + rel:
                 raise ConfigError(f"{key}: the name must be a plain file name (it names {name}.diff)")
-            if not (root / rel).is_dir() or _find_git_top((root / rel).resolve()) is None:
+            if not (root / rel).is_dir() or find_git_top((root / rel).resolve()) is None:
                 raise ConfigError(
                     f"{key}: '{rel}' is not a git repository; give a path (relative to {root}) inside one"
                 )
     items = {
-        name: _file_specs(item.get("files", {}), where=f"monitor.item.{name}.files", source=where, root=root)
+        name: file_specs(item.get("files", {}), where=f"monitor.item.{name}.files", source=where, root=root)
         for name, item in raw.get("monitor", {}).get("item", {}).items()
     }
     return Config(
@@ -473,7 +502,7 @@ def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> 
         include_packages=cap.get("include-packages", False),
         pre_capture_commands=tuple(cap.get("pre-capture-commands", ())),
         environment_variables=tuple(cap.get("environment-variables", ())),
-        files=_file_specs(cap.get("files", {}), where="capture.files", source=where, root=root),
+        files=file_specs(cap.get("files", {}), where="capture.files", source=where, root=root),
         git_repositories=repos,
         items=items,
         secret_patterns=tuple(red.get("patterns", DEFAULT_SECRET_PATTERNS)),
@@ -482,89 +511,42 @@ def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> 
     )
 
 
-def _parse_toml(path: Path, text: bytes) -> dict[str, Any]:
+def read_config_table(path: Path) -> dict[str, Any] | None:
+    """A config file's Capsula tables, parsed from its text every time; None for a
+    pyproject.toml without [tool.capsula]."""
     import tomllib
 
+    pyproject = path.name == "pyproject.toml"
     try:
-        return tomllib.loads(text.decode())
+        text = path.read_bytes()
+    except OSError as exc:
+        if pyproject:
+            return None
+        raise ConfigError(f"cannot read {path}: {user_error_text(exc)}; check its permissions") from exc
+    if pyproject and b"capsula" not in text:  # other projects' files, broken or not, are not ours
+        return None
+    try:
+        table: Any = tomllib.loads(text.decode())
     except tomllib.TOMLDecodeError as exc:
         # tomllib says "... (at line 3, column 7)": keep it, it is where to look.
         raise ConfigError(f"invalid TOML in {path}: {exc}; fix the syntax there") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"invalid TOML in {path}: not UTF-8 ({exc.reason}); save it as UTF-8") from exc
+    if pyproject:
+        table = table.get("tool", {}).get("capsula")
+        if table is not None and not isinstance(table, dict):
+            raise ConfigError(f"'tool.capsula' in {path} must be a table; write [tool.capsula.capture] ...")
+    return cast("dict[str, Any] | None", table)
 
 
-def _parsed_cache_path(path: Path, text: bytes) -> Path:
-    """Where the tables parsed from a config file are kept: in the .cache of the vault
-    the text names (found by a plain search; a wrong guess only costs a parse)."""
-    import zlib
-
-    named = re.search(rb'^[ \t]*vault-directory[ \t]*=[ \t]*"([^"\\\n]+)"', text, re.MULTILINE)
-    vault = path.parent / (os.fsdecode(named[1]) if named else "vault")
-    return vault / ".cache" / f"config-{zlib.crc32(os.fsencode(path)):08x}.json"
-
-
-class ConfigText(NamedTuple):
-    """A config file's Capsula tables (None: a pyproject.toml without [tool.capsula]), and
-    its text when it had to be parsed (None when the vault's cache had the same text)."""
-
-    table: dict[str, Any] | None
-    parsed: bytes | None = None
-
-    @classmethod
-    def read(cls, path: Path) -> ConfigText:
-        """Importing tomllib costs more than all the rest `capsula monitor` does before the
-        command starts, so the parse of a config is kept in the vault next to the exact
-        text it came from, and used only while the file holds that same text."""
-        pyproject = path.name == "pyproject.toml"
-        try:
-            text = path.read_bytes()
-        except OSError as exc:
-            if pyproject:
-                return cls(None)
-            raise ConfigError(f"cannot read {path}: {user_error_text(exc)}") from exc
-        if pyproject and b"capsula" not in text:  # skip other projects' files, broken or not
-            return cls(None)
-        cached = read_json(_parsed_cache_path(path, text))
-        with contextlib.suppress(UnicodeDecodeError, TypeError, KeyError):
-            if cached["path"] == str(path) and cached["text"] == text.decode():
-                return cls(cached["table"])
-        table: Any = _parse_toml(path, text)
-        if pyproject:
-            table = table.get("tool", {}).get("capsula")
-            if table is not None and not isinstance(table, dict):
-                raise ConfigError(f"'tool.capsula' in {path} must be a table")
-        return cls(table, text)
-
-    def keep(self, path: Path, vault: Path) -> None:
-        """Keep a fresh parse, once the config proved valid and its vault exists."""
-        if self.parsed is None or not vault.is_dir():
-            return
-        cache = _parsed_cache_path(path, self.parsed)
-        if cache.parent.parent != vault:  # the text names its vault in a way the search missed
-            return
-        with contextlib.suppress(OSError, CapsulaError, TypeError, ValueError):  # TOML dates: not JSON
-            cache.parent.mkdir(exist_ok=True)
-            write_json(cache, {"path": str(path), "text": self.parsed.decode(), "table": self.table})
-
-
-def _config_in(folder: Path) -> tuple[Path, ConfigText] | None:
+def _config_in(folder: Path) -> tuple[Path, dict[str, Any]] | None:
     """The config file in one folder (capsula.toml first) and its Capsula tables."""
     for name in (CONFIG_NAME, "pyproject.toml"):
         candidate = folder / name
         if candidate.is_file():
-            found = ConfigText.read(candidate)
-            if found.table is not None:
-                return candidate, found
-    return None
-
-
-def find_config(start: Path) -> tuple[Path, ConfigText] | None:
-    """The nearest capsula.toml, or pyproject.toml with [tool.capsula], from start upward."""
-    for folder in (start, *start.parents):
-        found = _config_in(folder)
-        if found:
-            return found
+            table = read_config_table(candidate)
+            if table is not None:
+                return candidate, table
     return None
 
 
@@ -573,39 +555,466 @@ def load_config(directory: str | os.PathLike[str] | None = None, *, cwd: Path | 
 
     With ``directory`` (``-C``): the config file in it (or the file itself), else defaults
     rooted there. Without: the nearest config upward from ``cwd``, else defaults rooted at
-    the enclosing git work tree or ``cwd``.
+    the enclosing git work tree or ``cwd``. The root is recorded by its real path.
     """
     cwd = Path(cwd or os.getcwd()).absolute()
+    found: tuple[Path, dict[str, Any]] | None = None
     if directory is not None:
-        given = (cwd / directory).absolute()
+        given = Path(os.path.realpath(cwd / directory))
         if given.is_file():
-            found: tuple[Path, ConfigText] | None = (given, ConfigText.read(given))
+            found = (given, read_config_table(given) or {})
         elif given.is_dir():
             found = _config_in(given)
         else:
-            raise ConfigError(f"no such directory: {given}; pass -C the folder that holds {CONFIG_NAME}")
+            raise ConfigError(f"no such directory: {cwd / directory}; pass -C the folder that holds {CONFIG_NAME}")
         root = found[0].parent if found else given
     else:
-        found = find_config(cwd)
-        root = found[0].parent if found else (_find_git_top(cwd) or cwd)
+        real = Path(os.path.realpath(cwd))
+        found = next(filter(None, map(_config_in, (real, *real.parents))), None)
+        root = found[0].parent if found else (find_git_top(real) or real)
     if not found:
         return parse_config({}, root=root, source=None)
-    source, text = found
-    config = parse_config(text.table or {}, root=root, source=source)
-    text.keep(source, config.vault)
-    return config
+    return parse_config(found[1], root=root, source=found[0])
 
 
-# =============================================================================
-# Collectors
-# =============================================================================
+# === Records ==================================================================
+
+# The files of a capsule. 0.0.19 wrote context.json, pre-run-info.json, post-run-info.json
+# and NAME.diff: every key it wrote keeps its name, nesting and type; ours stand beside them.
+CONTEXT = "context.json"
+PRE_RUN = "pre-run-info.json"
+POST_RUN = "post-run-info.json"
+MANIFEST = "capsule.json"  # the small summary that `capsula list` reads
+STDOUT = "stdout.txt"
+STDERR = "stderr.txt"
+RESERVED = frozenset({CONTEXT, PRE_RUN, POST_RUN, MANIFEST, STDOUT, STDERR})
+
+# Statuses as a capsule records them, and (the last two) as `list` reads a capsule: one
+# still "running" whose Capsula process is gone, and an old capsule that does not say.
+RUNNING, COMPLETED, FAILED, INCOMPLETE, INTERRUPTED = "running", "completed", "failed", "incomplete", "interrupted"
+DIED, UNKNOWN = "died", "unknown"
+KINDS = ("capture", "command", "function")
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+if TYPE_CHECKING:
+
+    class FileRecord(TypedDict, total=False):
+        """A listed file: ``files`` of context.json (inputs) and post-run-info.json (outputs)."""
+
+        hash_algorithm: str | None
+        file_hash: str | None
+        size: int
+        stored_as: str  # the copy, relative to the capsule
+        copied: bool
+        moved: bool
+        symlink: str  # a link is recorded, and stored, as a link
+        note: str
+        error: str  # it exists, but could not be hashed or stored
+
+    class GitRecord(TypedDict, total=False):
+        """One repository in ``git`` of context.json; its uncommitted changes are in diff_file."""
+
+        path: str  # relative to the root
+        sha: str | None
+        branch: str | None
+        remotes: list[dict[str, str]]
+        root_in_repo: str
+        untracked: list[str]
+        untracked_not_in_diff: list[str]
+        dirty: bool
+        diff_file: str  # in the capsule
+        error: str
+
+    class CommandRecord(TypedDict):
+        """One pre-capture command."""
+
+        command: str
+        exit_code: int
+        stdout: str
+        stderr: str
+        duration: float
+
+    class ContextRecord(TypedDict, total=False):
+        root_directory: str
+        cwd: str
+        platform: dict[str, JSON]
+        environment_variables: dict[str, str | None]
+        git: dict[str, GitRecord]
+        files: dict[str, FileRecord | None]
+        cpu: dict[str, JSON] | None
+        packages: dict[str, JSON]
+        capsula_version: str
+        timestamp: str
+        pre_capture_commands: list[CommandRecord]
+        config: dict[str, JSON]
+        status: str
+        error: str
+        warnings: list[str]
+
+    class ExceptionRecord(TypedDict):
+        error_type: str
+        error_message: str
+        error_details: str
+
+    class PreRunRecord(TypedDict, total=False):
+        root_directory: str
+        cwd: str
+        timestamp: str
+        kind: str
+        capsula_version: str
+        host: str
+        pid: int
+        boot_id: str | None
+        items: dict[str, dict[str, dict[str, JSON]]]  # item -> path -> {hash, copy, move}
+        args: list[JSON]  # a command's arguments (strings), or a function's
+        args_redacted: bool
+        rerun_of: str
+        source_file: str
+        source_line: int | None
+        function_name: str
+        kwargs: dict[str, JSON]
+
+    class PostRunRecord(TypedDict, total=False):
+        root_directory: str
+        timestamp: str
+        run_time: str  # ISO 8601, as 0.0.19
+        run_time_seconds: float
+        files: dict[str, FileRecord | None]
+        status: str
+        stdout: str  # the text of the last TEXT_LIMIT bytes; all of it is in stdout.txt
+        stderr: str
+        stdout_truncated: bool
+        stderr_truncated: bool
+        stdout_bytes: int
+        stderr_bytes: int
+        exit_code: int
+        signal: str | None
+        signal_number: int | None
+        error: str | None
+        resource_usage: dict[str, float] | None
+        return_value: JSON
+        exception_info: ExceptionRecord | None
+        warnings: list[str]
+
+    class Manifest(TypedDict, total=False):
+        kind: str
+        status: str
+        started: str
+        finished: str
+        capsula_version: str
+        host: str
+        pid: int
+        boot_id: str | None
+        git: dict[str, dict[str, JSON]]  # name -> {sha, dirty}
+        command: list[str]
+        function: str
+        items: list[str]
+        rerun_of: str | None
+        exit_code: int | None
+        run_time: float | None
+        error: str | None
 
 
-def spawn(args: Sequence[str], *, env: Mapping[str, str], fds: Sequence[int | None], new_group: bool = False) -> int:
-    """Start a program, searched on the PATH of ``env`` as subprocess does, with ``fds`` as
-    its stdin, stdout and stderr (None: ours); return its pid. posix_spawn neither forks
-    this process nor needs `subprocess`, whose import alone costs more than a git call.
-    SIGPIPE and SIGXFSZ are back to their defaults in the program, as subprocess does."""
+# What a reader checks of each file before anything uses it, in a small grammar: a type
+# (float takes ints too, int and float never take booleans), None for null, a tuple of
+# alternatives, {key: shape} for a table ("*" for every key; unlisted keys pass as they
+# are), [shape] for an array. A value of the wrong shape is dropped and named.
+_FILE_SHAPE = {"hash_algorithm": (str, None), "file_hash": (str, None), "size": int, "stored_as": str}
+_FILE_SHAPE |= {"copied": bool, "moved": bool, "symlink": str}
+_GIT_SHAPE = {"path": str, "sha": (str, None), "branch": (str, None), "root_in_repo": str, "diff_file": str}
+_GIT_SHAPE |= {"dirty": bool, "untracked": [str], "remotes": [{"name": str, "url": str}]}
+_WHO_SHAPE = {"kind": str, "host": str, "pid": int, "boot_id": (str, None), "capsula_version": str}
+_SHAPES: dict[str, Any] = {
+    MANIFEST: {
+        **_WHO_SHAPE,
+        **{"status": str, "started": str, "finished": str, "exit_code": (int, None), "run_time": (float, None)},
+        **{"command": [str], "function": str, "rerun_of": (str, None), "error": (str, None), "items": [str]},
+        "git": {"*": {"sha": (str, None), "dirty": bool}},
+    },
+    CONTEXT: {
+        **{"root_directory": str, "cwd": str, "platform": dict, "cpu": (dict, None), "packages": dict},
+        "environment_variables": {"*": (str, None)},
+        "git": {"*": _GIT_SHAPE},
+        "files": {"*": (None, _FILE_SHAPE)},
+        "config": {"environment_variables": [str], "secret_patterns": [str], "secret_allow": [str]},
+    },
+    PRE_RUN: {
+        **_WHO_SHAPE,
+        **{"root_directory": str, "cwd": str, "timestamp": str, "args": list, "args_redacted": bool},
+        "items": ({"*": {"*": {"hash": (str, None), "copy": bool, "move": bool}}}, [str]),
+        **{"rerun_of": str, "function_name": str, "source_file": str, "kwargs": dict},
+    },
+    POST_RUN: {
+        **{"timestamp": str, "run_time": str, "run_time_seconds": float, "exit_code": (int, None)},
+        **{"status": str, "stdout": str, "stderr": str, "error": (str, None), "signal_number": (int, None)},
+        "files": {"*": (None, _FILE_SHAPE)},
+        "exception_info": (None, {"error_type": str, "error_message": str}),
+    },
+}
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}
+_KIND_NAMES |= {list: "an array", type(None): "null"}
+
+
+def _fits(value: object, shape: object) -> bool:
+    if shape is None:
+        return value is None
+    if isinstance(shape, (dict, list)):
+        return isinstance(value, type(shape))
+    if shape in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if shape is float else cast("type", shape))
+
+
+def conform(value: object, shape: object, *, where: str, problems: list[str]) -> tuple[bool, object]:
+    """(True, the value) when it has the shape, with the parts of a table or array that do
+    not dropped and named in problems; (False, None) when the value itself does not."""
+    alternatives = shape if isinstance(shape, tuple) else (shape,)
+    fitting = [alt for alt in alternatives if _fits(value, alt)]
+    if not fitting:
+        wanted = " or ".join(_KIND_NAMES[type(alt) if isinstance(alt, (dict, list)) else alt] for alt in alternatives)
+        problems.append(f"{where} is {_KIND_NAMES.get(type(value), type(value).__name__)}, not {wanted}; ignored")
+        return False, None
+    alt = fitting[0]
+    if isinstance(alt, dict):
+        table: dict[str, object] = {}
+        for key, item in cast("dict[str, object]", value).items():
+            sub = alt.get(key, alt.get("*", ...))
+            ok, checked = (True, item) if sub is ... else conform(item, sub, where=f"{where}.{key}", problems=problems)
+            if ok:
+                table[key] = checked
+        return True, table
+    if isinstance(alt, list):
+        items = [
+            conform(v, alt[0], where=f"{where}[{i}]", problems=problems)
+            for i, v in enumerate(cast("list[object]", value))
+        ]
+        return True, [v for ok, v in items if ok]
+    return True, value
+
+
+def confined(base: Path, rel: object, *, what: str) -> Path:
+    """base / rel, once it is shown to stay inside base (base itself included) with every
+    link resolved; anything else read from a capsule is refused with a VaultError."""
+    if isinstance(rel, str) and rel and "\0" not in rel and not os.path.isabs(rel):
+        inner, outer = os.path.realpath(base / rel), os.path.realpath(base)
+        if inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep):
+            return base / rel
+    raise VaultError(
+        f"{what} {safe_repr(rel)[:200]} leads outside {base}; refusing to use it (the capsule was edited?)"
+    )
+
+
+class Outcome(NamedTuple):
+    """What happened to a run, as far as Capsula saw it."""
+
+    exit_code: int | None = None  # the command's (128+N when signal N ended it); a SystemExit's code
+    signal: int | None = None  # the signal that ended the command
+    interrupted_by: int | None = None  # SIGINT, SIGTERM or SIGHUP that reached Capsula meanwhile
+    raised: str | None = None  # the type of the exception a function raised
+    incomplete: bool = False  # something could not be recorded
+
+
+def settle(outcome: Outcome) -> tuple[str, int]:
+    """The one rule from what happened to the status a capsule records and the exit code
+    Capsula returns: interrupted, then failed, then incomplete, then completed."""
+    signum = outcome.interrupted_by or (outcome.signal if outcome.signal in INTERRUPT_SIGNALS else None)
+    if signum is not None:
+        return INTERRUPTED, 128 + signum
+    if outcome.raised == "KeyboardInterrupt":
+        return INTERRUPTED, 128 + signal.SIGINT
+    code = outcome.exit_code or 0
+    if code != 0 or outcome.raised not in (None, "SystemExit"):
+        return FAILED, code or 1
+    return (INCOMPLETE, 1) if outcome.incomplete else (COMPLETED, 0)
+
+
+def whoami() -> dict[str, JSON]:
+    """Who writes this capsule: enough to tell later a run still going from one whose
+    Capsula process died (same host and boot, pid gone)."""
+    return {"capsula_version": __version__, "host": hostname(), "pid": os.getpid(), "boot_id": read_boot_id()}
+
+
+def hostname() -> str:
+    """The node name, as platform.node() gives it, without importing platform."""
+    return os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
+
+
+def read_boot_id() -> str | None:
+    """An id that changes at every boot (Linux); None where there is none."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def new_manifest(kind: str, started: datetime.datetime) -> Manifest:
+    return cast("Manifest", {"kind": kind, "status": RUNNING, "started": started.isoformat(), **whoami()})
+
+
+def pre_run_record(
+    kind: str, *, root: Path, cwd: Path, started: datetime.datetime, items: Mapping[str, Sequence[FileSpec]]
+) -> PreRunRecord:
+    """pre-run-info.json's common part; the command or function adds what it ran."""
+    record = {"root_directory": str(root), "cwd": str(cwd), "timestamp": started.isoformat(), "kind": kind}
+    listed = {name: {f.path: f.as_dict() for f in specs} for name, specs in items.items()}
+    return cast("PreRunRecord", {**record, **whoami(), "items": listed})
+
+
+def post_run_record(
+    *,
+    root: Path,
+    run_time: float,
+    files: dict[str, FileRecord | None],
+    ended: Mapping[str, JSON],
+    status: str,
+    warnings: Sequence[str],
+) -> PostRunRecord:
+    """post-run-info.json: 0.0.19's keys in its order, how the run ended, then ours."""
+    record: dict[str, object] = {"root_directory": str(root), "timestamp": now().isoformat()}
+    record |= {"run_time": iso_duration(run_time), "files": files, **ended}
+    record |= {"status": status, "run_time_seconds": round(run_time, 6)}
+    if warnings:
+        record["warnings"] = list(warnings)
+    return cast("PostRunRecord", record)
+
+
+class Record(NamedTuple):
+    """A capsule read back by read_capsule(): untrusted input, checked. A value of the
+    wrong type was dropped and named in problems; a path in it is used only through
+    confined()."""
+
+    path: Path
+    manifest: Manifest
+    context: ContextRecord
+    pre: PreRunRecord
+    post: PostRunRecord
+    problems: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def kind(self) -> str:
+        kind = self.manifest.get("kind") or self.pre.get("kind")
+        if kind in KINDS:
+            return str(kind)
+        return "function" if "function_name" in self.pre else ("command" if "args" in self.pre else "capture")
+
+    def inside(self, rel: object, *, what: str) -> Path:
+        """A file of this capsule named by the capsule itself."""
+        return confined(self.path, rel, what=f"{self.name}: {what}")
+
+    def output(self, name: str) -> bytes:
+        try:
+            return (self.path / name).read_bytes()
+        except OSError:  # 0.0.19 kept the text only in post-run-info.json
+            return str(self.post.get(name.split(".")[0], "")).encode()
+
+    def diff_files(self) -> dict[str, bytes]:
+        """The uncommitted changes of each recorded repository, by name."""
+        out = {}
+        for name, g in self.context.get("git", {}).items():
+            with contextlib.suppress(OSError, VaultError):
+                out[name] = self.inside(g.get("diff_file", f"{name}.diff"), what="diff_file").read_bytes()
+        return out
+
+
+def read_part(path: Path, name: str, problems: list[str]) -> dict[str, Any]:
+    """One JSON file of a capsule, checked against its shape; {} when absent or unreadable."""
+    data = read_json(path / name)
+    if data is None:
+        if os.path.lexists(path / name):
+            problems.append(f"{name} is not valid JSON (or larger than {JSON_READ_LIMIT >> 20} MiB); ignored")
+        return {}
+    ok, checked = conform(data, _SHAPES[name], where=name, problems=problems)
+    return cast("dict[str, Any]", checked) if ok else {}
+
+
+def read_capsule(path: Path) -> Record:
+    """The one reader of a capsule: each file as far as it exists and is well formed (a
+    0.0.19 capsule has no capsule.json). Raises VaultError when nothing in it is readable."""
+    problems: list[str] = []
+    parts = [read_part(path, name, problems) for name in (MANIFEST, CONTEXT, PRE_RUN, POST_RUN)]
+    if not any(parts):
+        raise VaultError(f"{path} is not a readable capsule (no valid {CONTEXT}, {PRE_RUN} or {MANIFEST})")
+    manifest, context, pre, post = parts
+    typed = cast("tuple[Manifest, ContextRecord, PreRunRecord, PostRunRecord]", (manifest, context, pre, post))
+    return Record(path, *typed, problems=tuple(problems))
+
+
+def manifest_of(record: Record) -> Manifest:
+    """capsule.json as written, or what it would say for a 0.0.19 or incomplete capsule."""
+    if record.manifest.get("status"):
+        return record.manifest
+    post, kind = record.post, record.kind
+    if post:
+        info = post.get("exception_info")
+        raised = info.get("error_type", "Exception") if isinstance(info, dict) else None
+        status: str = settle(Outcome(exit_code=post.get("exit_code"), raised=raised))[0]
+    else:
+        status = COMPLETED if kind == "capture" and record.context else UNKNOWN
+    git: dict[str, dict[str, JSON]] = {n: {"sha": g.get("sha")} for n, g in record.context.get("git", {}).items()}
+    args = record.pre.get("args")
+    manifest: Manifest = {"kind": kind, "status": status, "started": record.pre.get("timestamp", ""), "git": git}
+    if kind == "command" and isinstance(args, list):
+        manifest["command"] = [str(a) for a in args]
+    if kind == "function":
+        manifest["function"] = record.pre.get("function_name", "")
+    manifest["exit_code"] = post.get("exit_code")
+    manifest["run_time"] = post.get("run_time_seconds") or _seconds(post.get("run_time"))
+    return manifest
+
+
+def _seconds(duration: object) -> float | None:
+    match = re.fullmatch(r"P(?:(\d+)D)?T?(?:(\d+)H)?(?:(\d+)M)?(?:([\d.]+)S)?", str(duration or ""))
+    if not match or not duration:
+        return None
+    d, h, m, s = (float(g or 0) for g in match.groups())
+    return d * 86400 + h * 3600 + m * 60 + s
+
+
+def status_as_read(manifest: Manifest, *, host: str, boot_id: str | None) -> str:
+    """A capsule's status as `list` shows it: "died" for a run on this host whose Capsula
+    process is gone (rebooted since, or its pid no longer alive)."""
+    status = manifest.get("status") or UNKNOWN
+    if status == RUNNING and manifest.get("host") == host:
+        if manifest.get("boot_id") != boot_id or not _pid_alive(manifest.get("pid")):
+            return DIED
+    return status
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+# === Processes ================================================================
+
+
+def spawn(
+    args: Sequence[str], *, cwd: Path, env: Mapping[str, str], fds: Sequence[int | None], new_group: bool = False
+) -> int:
+    """Start a program in ``cwd`` with ``env``, searched on that environment's PATH, with
+    ``fds`` as its stdin, stdout and stderr (None: ours); return its pid. SIGPIPE and
+    SIGXFSZ are back to their defaults in it, and it inherits our other descriptors.
+
+    Speed: posix_spawn neither forks this interpreter nor needs `subprocess`, whose import
+    alone costs more than a git call; it cannot change directory, so a program that starts
+    elsewhere than our own working directory is forked by subprocess instead."""
+    if os.path.realpath(cwd) != os.path.realpath(os.getcwd()):
+        import subprocess
+
+        std = {k: fd for k, fd in zip(("stdin", "stdout", "stderr"), fds, strict=True) if fd is not None}
+        group = {"process_group": 0} if new_group else {}
+        return subprocess.Popen(list(args), cwd=cwd, env=dict(env), close_fds=False, **std, **group).pid  # type: ignore[call-overload,no-any-return]
     name = args[0]
     paths = [name] if os.sep in name else [os.path.join(d, name) for d in os.get_exec_path(env)]
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds) if fd is not None]
@@ -625,8 +1034,10 @@ def spawn(args: Sequence[str], *, env: Mapping[str, str], fds: Sequence[int | No
     raise error or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
 
 
-def _read_back(fd: int) -> bytes:
-    chunks, offset = [], 0
+def _read_back(fd: int, *, tail: int | None = None) -> bytes:
+    size = os.fstat(fd).st_size
+    offset = max(0, size - tail) if tail is not None else 0
+    chunks = []
     while chunk := os.pread(fd, 1 << 24, offset):
         chunks.append(chunk)
         offset += len(chunk)
@@ -637,20 +1048,25 @@ Finish = Callable[[], tuple[int, bytes, bytes]]  # waits for a started process: 
 Runner = Callable[..., Finish]  # start_process, or what a test passes instead
 
 
-def start_process(args: Sequence[str], *, env: Mapping[str, str], stdin: bytes | None = None) -> Finish:
-    """The one place collectors start a program (tests may pass another runner): it starts
-    now, and the returned callable waits for it (call it: it reaps the program). The output
-    goes to in-memory files, not pipes: nothing has to be read while the program runs, so
-    independent programs overlap without threads."""
+def start_process(
+    args: Sequence[str], *, cwd: Path, env: Mapping[str, str], stdin: bytes | None = None, tail: int | None = None
+) -> Finish:
+    """The one place a program whose output Capsula keeps is started (tests may pass
+    another runner): it starts now, and the returned callable waits for it (call it: it
+    reaps the program) and gives its exit code, stdout and stderr (their last ``tail``
+    bytes with tail). The output goes to in-memory files, not pipes: nothing has to be
+    read while the program runs, so independent programs overlap without threads."""
     if not hasattr(os, "memfd_create"):  # not Linux: subprocess's pipes, read while waiting
         import subprocess
 
         pipe = subprocess.PIPE
-        proc = subprocess.Popen(args, env=env, stdin=pipe if stdin else subprocess.DEVNULL, stdout=pipe, stderr=pipe)
+        proc = subprocess.Popen(
+            args, cwd=cwd, env=env, stdin=pipe if stdin else subprocess.DEVNULL, stdout=pipe, stderr=pipe
+        )
 
         def communicate() -> tuple[int, bytes, bytes]:
             out, err = proc.communicate(stdin)
-            return proc.returncode, out, err
+            return proc.returncode, out[-tail:] if tail else out, err[-tail:] if tail else err
 
         return communicate
     files: list[int] = []
@@ -660,7 +1076,7 @@ def start_process(args: Sequence[str], *, env: Mapping[str, str], stdin: bytes |
         if stdin:
             _write_all(files[2], stdin)
             os.lseek(files[2], 0, os.SEEK_SET)
-        pid = spawn(args, env=env, fds=(files[2], files[0], files[1]))
+        pid = spawn(args, cwd=cwd, env=env, fds=(files[2], files[0], files[1]))
     except BaseException:
         for fd in files:
             os.close(fd)
@@ -670,7 +1086,8 @@ def start_process(args: Sequence[str], *, env: Mapping[str, str], stdin: bytes |
     def finish() -> tuple[int, bytes, bytes]:
         try:
             _, status = os.waitpid(pid, 0)
-            return os.waitstatus_to_exitcode(status), _read_back(files[0]), _read_back(files[1])
+            out, err = (_read_back(fd, tail=tail) for fd in files)
+            return os.waitstatus_to_exitcode(status), out, err
         finally:
             for fd in files:
                 os.close(fd)
@@ -692,6 +1109,9 @@ def wait_all(waits: Sequence[Callable[[], bytes]]) -> list[bytes]:
     return results
 
 
+# === Collectors ===============================================================
+
+
 def warn(message: str, warnings: list[str] | None = None) -> None:
     """Tell the user on stderr, and keep the warning for the capsule."""
     print(f"capsula: warning: {message}", file=sys.stderr)
@@ -699,20 +1119,7 @@ def warn(message: str, warnings: list[str] | None = None) -> None:
         warnings.append(message)
 
 
-def hostname() -> str:
-    """The node name, as platform.node() gives it, without importing platform."""
-    return os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
-
-
-def read_boot_id() -> str | None:
-    """An id that changes at every boot (Linux); None where there is none."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def _executable_architecture() -> dict[str, str]:
+def _executable_architecture() -> dict[str, JSON]:
     # platform.architecture() spawns `file`; the ELF magic and the pointer size give
     # the same answer for the running interpreter without a subprocess.
     bits = f"{8 * (sys.maxsize.bit_length() + 1) // 8}bit"
@@ -774,7 +1181,16 @@ def collect_environment(
     return out
 
 
-def parse_git_status(out: bytes) -> dict[str, JSON]:
+class GitStatus(NamedTuple):
+    """What ``git status --porcelain=v2 --branch -z`` says."""
+
+    sha: str | None
+    branch: str | None
+    changed: int
+    untracked: list[str]
+
+
+def parse_git_status(out: bytes) -> GitStatus:
     """Parse ``git status --porcelain=v2 --branch -z``: sha, branch, changes, untracked files."""
     sha: str | None = None
     branch: str | None = None
@@ -792,32 +1208,37 @@ def parse_git_status(out: bytes) -> dict[str, JSON]:
             changed += 1
             if rec.startswith(b"2 "):
                 next(records, None)  # a rename carries its original path as one more record
-    return {"sha": sha, "branch": branch, "changed": changed, "untracked": untracked}
+    return GitStatus(sha, branch, changed, untracked)
 
 
-def _git_start(
-    runner: Runner, cwd: Path, *args: str, stdin: bytes | None = None, ok: int = 0, index: Path | None = None
-) -> Callable[[], bytes]:
-    """Start git now; the returned callable waits for its stdout (CaptureError on failure)."""
-    # GIT_DIR & co. from a hook or a wrapper would point git at another repository.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+def git_environment(environ: Mapping[str, str], *, index: Path | None = None) -> dict[str, str]:
+    """The environment git runs in: the given one, without GIT_DIR & co. (from a hook or a
+    wrapper they would point git at another repository), in the C locale."""
+    env = {k: v for k, v in environ.items() if not k.startswith("GIT_")}
     env.update(LC_ALL="C", GIT_OPTIONAL_LOCKS="0", GIT_LITERAL_PATHSPECS="1")
     if index is not None:
         env["GIT_INDEX_FILE"] = str(index)
-    finish = runner(["git", "-C", str(cwd), *args], env=env, stdin=stdin)
+    return env
+
+
+def git_start(
+    runner: Runner, repo: Path, *args: str, env: Mapping[str, str], stdin: bytes | None = None, ok: int = 0
+) -> Callable[[], bytes]:
+    """Start git in repo now; the returned callable waits for its stdout (CaptureError on failure)."""
+    finish = runner(["git", *args], cwd=repo, env=env, stdin=stdin)
 
     def stdout() -> bytes:
         code, out, err = finish()
         if code not in (0, ok):
             msg = err.decode(errors="replace").strip().splitlines()
-            raise CaptureError(f"git {args[0]} failed in {cwd}: {msg[-1] if msg else code}")
+            raise CaptureError(f"git {args[0]} failed in {repo}: {msg[-1] if msg else code}")
         return out
 
     return stdout
 
 
-def _git(runner: Runner, cwd: Path, *args: str, **options: Any) -> bytes:
-    return _git_start(runner, cwd, *args, **options)()
+def run_git(runner: Runner, repo: Path, *args: str, env: Mapping[str, str], stdin: bytes | None = None) -> bytes:
+    return git_start(runner, repo, *args, env=env, stdin=stdin)()
 
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
@@ -826,8 +1247,14 @@ GIT_ADD_INTENT = ("add", "--intent-to-add", "--pathspec-from-file=-", "--pathspe
 
 
 def collect_git(
-    name: str, rel: str, *, config: Config, capsule_dir: Path, runner: Runner = start_process
-) -> dict[str, JSON]:
+    name: str,
+    rel: str,
+    *,
+    config: Config,
+    capsule_dir: Path,
+    environ: Mapping[str, str],
+    runner: Runner = start_process,
+) -> GitRecord:
     """The state of one repository, and (into ``<capsule_dir>/<name>.diff``) every
     uncommitted change as a patch.
 
@@ -836,16 +1263,16 @@ def collect_git(
     clean checkout of ``sha`` recreates the working tree. The user's index is not touched:
     untracked files are added with --intent-to-add to a copy of it.
     """
-    root, diff_path = config.root, capsule_dir / f"{name}.diff"
+    root, diff_path, env = config.root, capsule_dir / f"{name}.diff", git_environment(environ)
     path = root / rel
-    entry: dict[str, JSON] = {"path": rel, "sha": None, "branch": None, "remotes": []}
+    entry: GitRecord = {"path": rel, "sha": None, "branch": None, "remotes": []}
     try:
         # Three independent git calls: started together, they overlap.
         status_out, rev_parse, remotes = wait_all(
             [
-                _git_start(runner, path, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all"),
-                _git_start(runner, path, "rev-parse", "--show-toplevel", "--git-path", "index"),
-                _git_start(runner, path, "config", "-z", "--get-regexp", r"^remote\..*\.url$", ok=1),  # 1: none
+                git_start(runner, path, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all", env=env),
+                git_start(runner, path, "rev-parse", "--show-toplevel", "--git-path", "index", env=env),
+                git_start(runner, path, "config", "-z", "--get-regexp", r"^remote\..*\.url$", env=env, ok=1),  # 1: none
             ]
         )
         status = parse_git_status(status_out)
@@ -854,7 +1281,7 @@ def collect_git(
     except (CaptureError, OSError, ValueError) as exc:
         entry["error"] = str(exc)
         return entry
-    entry["sha"], entry["branch"] = status["sha"], status["branch"]
+    entry["sha"], entry["branch"] = status.sha, status.branch
     entry["remotes"] = [
         {"name": key.split(".", 1)[1].rsplit(".", 1)[0], "url": strip_credentials(url)}
         for key, _, url in (rec.decode(errors="replace").partition("\n") for rec in remotes.split(b"\0") if rec)
@@ -862,15 +1289,16 @@ def collect_git(
     entry["root_in_repo"] = os.path.relpath(root, top)
     inside = os.path.relpath(config.vault, top) + "/"
     gone = {os.path.relpath(os.path.normpath(root / f.path), top) for f in config.files if f.move}
-    status["untracked"] = [u for u in status["untracked"] if not (u + "/").startswith(inside) and u not in gone]
-    untracked = [u for u in status["untracked"] if _untracked_size(top / u) <= UNTRACKED_LIMIT]
-    entry["untracked"] = status["untracked"]
-    entry["untracked_not_in_diff"] = sorted(set(status["untracked"]) - set(untracked))
-    entry["dirty"] = bool(status["changed"] or status["untracked"])
+    listed = [u for u in status.untracked if not (u + "/").startswith(inside) and u not in gone]
+    untracked = [u for u in listed if _untracked_size(top / u) <= UNTRACKED_LIMIT]
+    entry["untracked"] = listed
+    entry["untracked_not_in_diff"] = sorted(set(listed) - set(untracked))
+    entry["dirty"] = bool(status.changed or listed)
     entry["diff_file"] = diff_path.name
     try:
         if entry["dirty"]:
-            _write_git_diff(runner, top, index, diff_path, base=status["sha"] or EMPTY_TREE, untracked=untracked)
+            base = status.sha or EMPTY_TREE
+            _write_git_diff(runner, top, index, diff_path, base=base, untracked=untracked, environ=environ)
         else:  # nothing to diff: no need to ask git
             write_bytes_atomic(diff_path, b"")
     except (CaptureError, OSError) as exc:
@@ -886,17 +1314,26 @@ def _untracked_size(path: Path) -> int:
 
 
 def _write_git_diff(
-    runner: Runner, top: Path, index: Path, diff_path: Path, *, base: str, untracked: list[str]
+    runner: Runner,
+    top: Path,
+    index: Path,
+    diff_path: Path,
+    *,
+    base: str,
+    untracked: list[str],
+    environ: Mapping[str, str],
 ) -> None:
+    import shutil
+
     tmp_index = diff_path.with_name(f".{diff_path.name}.index")
+    env = git_environment(environ, index=tmp_index if untracked else None)
     try:
         if untracked:
             if index.exists():
-                copy_and_hash(index, tmp_index, None)
+                shutil.copyfile(index, tmp_index)
             paths = b"\0".join(os.fsencode(u) for u in untracked) + b"\0"
-            _git(runner, top, *GIT_ADD_INTENT, stdin=paths, index=tmp_index)
-        patch = _git(runner, top, *GIT_DIFF, base, index=tmp_index if untracked else None)
-        write_bytes_atomic(diff_path, patch)
+            run_git(runner, top, *GIT_ADD_INTENT, env=env, stdin=paths)
+        write_bytes_atomic(diff_path, run_git(runner, top, *GIT_DIFF, base, env=env))
     finally:
         with contextlib.suppress(OSError):
             tmp_index.unlink()
@@ -919,7 +1356,7 @@ def parse_proc_cpuinfo(text: str) -> dict[str, JSON]:
             info[key] = int(fields[src])
     flags = fields.get("flags") or fields.get("Features")
     if flags is not None:
-        info["flags"] = sorted(flags.split())
+        info["flags"] = cast("list[JSON]", sorted(flags.split()))
     mhz = float(fields["cpu MHz"]) if re.fullmatch(r"\d+(\.\d+)?", fields.get("cpu MHz", "")) else None
     if mhz is not None:
         info.update(hz_fields("actual", int(mhz * 1e6)))
@@ -991,23 +1428,40 @@ def current_hz() -> int | None:
         return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq").read_text()) * 1000
     with contextlib.suppress(OSError):
         hz = parse_proc_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace")).get("hz_actual")
-        return int(hz[0]) if isinstance(hz, list) else None
+        return int(cast("int", hz[0])) if isinstance(hz, list) else None
     return None
 
 
+CACHE_DIR = ".capsula_cache"  # in the root, unless CAPSULA_CACHE_DIR names another folder
+
+
+def cache_directory(root: Path, environ: Mapping[str, str]) -> Path | None:
+    """Where facts kept between runs live: outside the vault, ignoring itself as
+    .pytest_cache does (a .gitignore holding ``*``); None when it cannot be made.
+    Deleting it loses nothing."""
+    path = Path(environ.get("CAPSULA_CACHE_DIR") or root / CACHE_DIR)
+    try:
+        if not (path / ".gitignore").exists():
+            path.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(path / ".gitignore", b"# made by capsula: facts kept between runs\n*\n")
+    except (OSError, CapsulaError):
+        return None
+    return path
+
+
 class HostCache:
-    """Facts that do not change while the machine is up, cached in the vault.
+    """Facts that do not change while the machine is up (platform, CPU), kept in the cache
+    directory. The key holds the host name, the boot id, the interpreter and the
+    py-cpuinfo install, so a reboot, another host or an upgrade reads them afresh.
 
-    The key holds the host name, the boot id, the interpreter and the py-cpuinfo install,
-    so a reboot, another host (on a shared vault) or an upgrade reads them afresh.
-    """
+    Speed: platform.processor() spawns `uname -p`, and py-cpuinfo's probe takes a second."""
 
-    def __init__(self, vault: Path, cpuinfo_stamp: str | None) -> None:
+    def __init__(self, directory: Path | None, cpuinfo_stamp: str | None) -> None:
         import zlib  # a checksum is enough for a file name, and cheaper to import than hashlib
 
         boot = read_boot_id()
         raw = f"{hostname()}|{boot}|{sys.executable}|{sys.version}|{cpuinfo_stamp}"
-        self.path = vault / ".cache" / f"host-{zlib.crc32(raw.encode()):08x}.json" if boot else None
+        self.path = directory / f"host-{zlib.crc32(raw.encode()):08x}.json" if boot and directory else None
         cached = read_json(self.path) if self.path else None
         self.data: dict[str, JSON] = cached if isinstance(cached, dict) and cached.get("key") == raw else {"key": raw}
 
@@ -1015,8 +1469,7 @@ class HostCache:
         if key not in self.data:
             self.data[key] = compute()
             if self.path is not None:
-                with contextlib.suppress(OSError, CapsulaError):
-                    self.path.parent.mkdir(exist_ok=True)
+                with contextlib.suppress(CapsulaError):
                     write_json(self.path, self.data)
         return self.data[key]
 
@@ -1036,7 +1489,7 @@ def _cpuinfo_stamp() -> str | None:
 def collect_cpu(cache: HostCache, *, has_cpuinfo: bool) -> dict[str, JSON]:
     """py-cpuinfo's dict when it is installed (cached per boot), else the fallback; never raises."""
     try:
-        info = dict(cache.get("cpu", _cpuinfo_dict)) if has_cpuinfo else cpu_from_system()
+        info = dict(cast("dict[str, JSON]", cache.get("cpu", _cpuinfo_dict))) if has_cpuinfo else cpu_from_system()
     except Exception as exc:  # noqa: BLE001 - CPU facts are optional; record why they are missing
         return {"error": f"{type(exc).__name__}: {exc}"}
     hz = current_hz()
@@ -1088,36 +1541,22 @@ def _name_and_version(metadata_text: str) -> tuple[str, str]:
     return fields.get("Name", ""), fields.get("Version", "")
 
 
-def run_pre_capture_command(command: str, *, cwd: Path, env: Mapping[str, str]) -> dict[str, JSON]:
-    """Run one pre-capture command through the shell and record all of it."""
-    import subprocess
-
+def run_pre_capture_command(command: str, *, cwd: Path, env: Mapping[str, str]) -> CommandRecord:
+    """Run one pre-capture command through the shell and record how it ended, with the
+    text of the last TEXT_LIMIT bytes of its output."""
     start = time.perf_counter()
-    result = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, check=False)
+    code, out, err = start_process(["/bin/sh", "-c", command], cwd=cwd, env=env, tail=TEXT_LIMIT)()
     return {
         "command": command,
-        "exit_code": result.returncode,
-        "stdout": _clip_text(result.stdout),
-        "stderr": _clip_text(result.stderr),
+        "exit_code": code,
+        "stdout": out.decode(errors="replace"),
+        "stderr": err.decode(errors="replace"),
         "duration": round(time.perf_counter() - start, 6),
     }
 
 
-def _clip_text(data: bytes) -> str:
-    return data[-TEXT_LIMIT:].decode(errors="replace")
+# === Vault ====================================================================
 
-
-# =============================================================================
-# Vault
-# =============================================================================
-
-CONTEXT = "context.json"
-PRE_RUN = "pre-run-info.json"
-POST_RUN = "post-run-info.json"
-MANIFEST = "capsule.json"
-STDOUT = "stdout.txt"
-STDERR = "stderr.txt"
-RESERVED = frozenset({CONTEXT, PRE_RUN, POST_RUN, MANIFEST, STDOUT, STDERR})
 COPY_CHUNK = 1 << 20
 
 
@@ -1197,18 +1636,24 @@ def move_file(src: Path, dest: Path, algorithm: str | None) -> str | None:
 
 def capture_file(
     spec: FileSpec, *, root: Path, capsule: Path, reserved: frozenset[str], warnings: list[str]
-) -> dict[str, JSON] | None:
-    """Hash (and copy or move) one listed file; a missing file is None and a warning."""
+) -> FileRecord | None:
+    """Hash (and copy or move) one listed file; a missing file is None and a warning. A
+    file whose real path is outside the root (through a linked folder) is never moved: it
+    is copied instead, and the user is told."""
     src = root / spec.path
     if not os.path.lexists(src) or src.is_dir():
         warn(f"{spec.path}: {'is a directory' if src.is_dir() else 'no such file'}; recorded as null", warnings)
         return None
-    entry: dict[str, JSON] = {"hash_algorithm": spec.hash, "file_hash": None}
+    entry: FileRecord = {"hash_algorithm": spec.hash, "file_hash": None}
+    move, where = spec.move, os.path.realpath(src.parent)
+    if move and not is_inside(os.path.join(where, src.name), os.path.realpath(root)):
+        warn(f"{spec.path}: not moved: it lies in {where}, outside the root, so it is copied instead", warnings)
+        move = False
     try:
         if src.is_symlink():
             # Recorded as a link and kept as one: never followed out of the root.
             entry["symlink"] = target = os.readlink(src)
-            if spec.hash and src.exists() and _is_inside(src.resolve(), root.resolve()):
+            if spec.hash and src.exists() and is_inside(src, root, real=True):
                 entry["file_hash"] = hash_file(src, spec.hash)
             elif spec.hash:
                 entry["note"] = "the link points outside the root or nowhere; not hashed"
@@ -1216,15 +1661,15 @@ def capture_file(
                 entry["stored_as"] = name = stored_name(spec.path, reserved)
                 (capsule / name).parent.mkdir(parents=True, exist_ok=True)
                 os.symlink(target, capsule / name)
-                if spec.move:
+                if move:
                     src.unlink()
             return entry
         entry["size"] = src.stat().st_size
         if spec.copy or spec.move:
             name = stored_name(spec.path, reserved)
-            entry["file_hash"] = (move_file if spec.move else copy_and_hash)(src, capsule / name, spec.hash)
+            entry["file_hash"] = (move_file if move else copy_and_hash)(src, capsule / name, spec.hash)
             entry["stored_as"] = name
-            entry["moved" if spec.move else "copied"] = True
+            entry["moved" if move else "copied"] = True
         elif spec.hash:
             entry["file_hash"] = hash_file(src, spec.hash)
     except OSError as exc:  # the file exists but could not be stored: the caller fails the capsule
@@ -1232,29 +1677,21 @@ def capture_file(
     return entry
 
 
-def file_errors(files: Mapping[str, JSON]) -> str | None:
+def file_errors(files: Mapping[str, FileRecord | None]) -> str | None:
     """One line naming the listed files that exist but could not be hashed or stored."""
-    bad = [f"{path} ({e['error']})" for path, e in files.items() if isinstance(e, dict) and e.get("error")]
+    bad = [f"{path} ({e['error']})" for path, e in files.items() if e and e.get("error")]
     return f"could not store {', '.join(bad)}" if bad else None
-
-
-def capture_files(
-    specs: Sequence[FileSpec], *, root: Path, capsule: Path, reserved: frozenset[str], warnings: list[str]
-) -> dict[str, JSON]:
-    return {s.path: capture_file(s, root=root, capsule=capsule, reserved=reserved, warnings=warnings) for s in specs}
 
 
 def list_capsule_names(vault: Path) -> list[str]:
     try:
         with os.scandir(vault) as it:
-            return [e.name for e in it if not e.name.startswith(".") and e.is_dir()]
+            return [e.name for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
     except OSError as exc:
         raise VaultError(f"cannot read the vault {vault}: {user_error_text(exc)}; pass --vault or -C") from exc
 
 
-# =============================================================================
-# Capture
-# =============================================================================
+# === Capture ==================================================================
 
 
 class Capsule:
@@ -1262,35 +1699,37 @@ class Capsule:
 
     __slots__ = ("config", "context", "manifest", "path", "warnings")
 
-    def __init__(self, *, path: Path, config: Config, manifest: dict[str, JSON] | None = None) -> None:
+    def __init__(self, *, path: Path, config: Config, manifest: Manifest | None = None) -> None:
         self.path = path
         self.config = config
-        self.context: dict[str, JSON] = {}
-        self.manifest: dict[str, JSON] = manifest or {}
+        self.context: ContextRecord = {}
+        self.manifest: Manifest = manifest if manifest is not None else {}
         self.warnings: list[str] = []
 
-    def write_manifest(self, **updates: JSON) -> None:
+    def write(self, name: str, record: object) -> None:
+        write_json(self.path / name, record)
+
+    def write_manifest(self, **updates: Any) -> None:
         """capsule.json: the small summary that `capsula list` reads, kept current."""
-        self.manifest.update(updates)
-        write_json(self.path / MANIFEST, self.manifest)
+        self.manifest.update(cast("Manifest", updates))
+        self.write(MANIFEST, self.manifest)
 
     @property
     def reserved(self) -> frozenset[str]:
-        git = self.context.get("git") or {}
-        return RESERVED | {f"{name}.diff" for name in git}
+        return RESERVED | {f"{name}.diff" for name in self.context.get("git", {})}
 
 
 def default_repositories(root: Path) -> tuple[tuple[str, str], ...]:
     """Without a [capture.git] table: the repository that holds the root, if any."""
-    top = _find_git_top(root)
+    top = find_git_top(root)
     return ((re.sub(r"[^\w.-]", "_", top.name).lstrip(".") or "repo", "."),) if top else ()
 
 
-def _collector(fn: Callable[[], JSON], *, thread: bool) -> Callable[[], JSON]:
+def _collector(fn: Callable[[], T], *, thread: bool) -> Callable[[], T | dict[str, JSON]]:
     """Run a collector (in a thread, to overlap with others); a failure is recorded as
     {"error": ...}: one collector failing never aborts the others."""
 
-    def recorded() -> JSON:
+    def recorded() -> T | dict[str, JSON]:
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001
@@ -1303,57 +1742,47 @@ def _collector(fn: Callable[[], JSON], *, thread: bool) -> Callable[[], JSON]:
 
 
 def collect_context(
-    capsule: Capsule, environ: Mapping[str, str], *, runner: Runner = start_process, in_place: bool = False
-) -> dict[str, JSON]:
-    """Everything context.json holds, with independent collectors running concurrently.
-    With in_place (verify), listed files are only hashed, never copied or moved."""
+    capsule: Capsule, environ: Mapping[str, str], *, cwd: Path, runner: Runner = start_process, in_place: bool = False
+) -> ContextRecord:
+    """Everything context.json holds but what the capture adds, with independent
+    collectors running concurrently. With in_place (verify), listed files are only
+    hashed, never copied or moved; the files stored so far are in capsule.context."""
     config = capsule.config
     repos = config.git_repositories if config.git_repositories is not None else default_repositories(config.root)
     stamp = _cpuinfo_stamp() if config.include_cpu else None
-    cache = HostCache(config.vault, stamp)
+    cache = HostCache(cache_directory(config.root, environ), stamp)
     thread = len(repos) + config.include_cpu + config.include_packages > 1  # else nothing to overlap
-    git = functools.partial(collect_git, config=config, capsule_dir=capsule.path, runner=runner)
+    git = functools.partial(collect_git, config=config, capsule_dir=capsule.path, environ=environ, runner=runner)
     pending = {name: _collector(functools.partial(git, name, rel), thread=thread) for name, rel in repos}
     cpu_facts = functools.partial(collect_cpu, cache, has_cpuinfo=stamp is not None)
     cpu = _collector(cpu_facts, thread=thread) if config.include_cpu else None
     packages = _collector(collect_packages, thread=thread) if config.include_packages else None
-    context: dict[str, JSON] = {
-        "root_directory": str(config.root),
-        "cwd": os.getcwd(),
-        "platform": cache.get("platform", collect_platform),
-        "environment_variables": collect_environment(
-            config.environment_variables, environ, patterns=config.secret_patterns, allow=config.secret_allow
-        ),
-        "git": {name: join() for name, join in pending.items()},
-    }
-    capsule.context.update(context)
-    if not in_place:
-        context["files"] = capture_files(
-            config.files, root=config.root, capsule=capsule.path, reserved=capsule.reserved, warnings=capsule.warnings
-        )
-    else:  # verify: hash in place, nothing copied or moved
-        context["files"] = {f.path: _hash_in_place(config.root / f.path, f.hash) for f in config.files}
+    context = capsule.context
+    context["root_directory"], context["cwd"] = str(config.root), str(cwd)
+    context["platform"] = cast("dict[str, JSON]", cache.get("platform", collect_platform))
+    context["environment_variables"] = collect_environment(
+        config.environment_variables, environ, patterns=config.secret_patterns, allow=config.secret_allow
+    )
+    context["git"] = {name: cast("GitRecord", join()) for name, join in pending.items()}
+    context["files"] = files = {}
+    for spec in config.files:
+        if in_place:  # verify: hash in place, nothing copied or moved
+            files[spec.path] = _hash_in_place(config.root / spec.path, spec.hash)
+        else:
+            files[spec.path] = capture_file(
+                spec, root=config.root, capsule=capsule.path, reserved=capsule.reserved, warnings=capsule.warnings
+            )
     context["cpu"] = cpu() if cpu else None
     if packages:
         context["packages"] = packages()
     return context
 
 
-def _hash_in_place(path: Path, algorithm: str | None) -> dict[str, JSON] | None:
+def _hash_in_place(path: Path, algorithm: str | None) -> FileRecord | None:
     try:
         return {"hash_algorithm": algorithm, "file_hash": hash_file(path, algorithm) if algorithm else None}
     except OSError:
         return None
-
-
-def _whoami() -> dict[str, JSON]:
-    """Who is writing this capsule: enough to tell later a run still going from one whose
-    Capsula process died (same host and boot, pid gone)."""
-    return {"capsula_version": __version__, "host": hostname(), "pid": os.getpid(), "boot_id": read_boot_id()}
-
-
-def _base_manifest(kind: str, started: datetime.datetime) -> dict[str, JSON]:
-    return {"kind": kind, "status": "running", "started": started.isoformat(), **_whoami()}
 
 
 def capture(
@@ -1361,89 +1790,100 @@ def capture(
     *,
     kind: str = "capture",
     environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
     runner: Runner = start_process,
 ) -> Capsule:
     """Create a capsule and write context.json into it.
 
     Pre-capture commands run first, in the root; the first failure stops the capture with
-    a CaptureError, and the capsule keeps what was recorded, marked as failed.
+    a CaptureError, and the capsule keeps what was recorded, marked as failed. A file that
+    exists but cannot be stored makes the capsule incomplete (a CaptureError too).
     """
     config = config or load_config()
     environ = os.environ if environ is None else environ
+    cwd = Path(cwd or os.getcwd())
     started = now()
     path = create_capsule_dir(config.vault, config.capsule_template, started)
-    capsule = Capsule(path=path, config=config, manifest=_base_manifest(kind, started))
+    capsule = Capsule(path=path, config=config, manifest=new_manifest(kind, started))
     capsule.write_manifest()
-    commands: list[JSON] = []
-    extra: dict[str, JSON] = {
-        "capsula_version": __version__,
-        "timestamp": started.isoformat(),
-        "pre_capture_commands": commands,
-    }
+    commands: list[CommandRecord] = []
+    context = capsule.context
+    context.update({"capsula_version": __version__, "timestamp": started.isoformat(), "pre_capture_commands": commands})
     try:
         child_env = {**environ, "CAPSULE_DIR": str(path)}
         for command in config.pre_capture_commands:
             record = run_pre_capture_command(command, cwd=config.root, env=child_env)
             commands.append(record)
             if record["exit_code"] != 0:
-                stderr = " ".join(str(record["stderr"]).split())[-300:] or "(no stderr)"
+                stderr = " ".join(record["stderr"].split())[-300:] or "(no stderr)"
                 raise CaptureError(
                     f"pre-capture command {command!r} failed with exit code {record['exit_code']}: {stderr}; "
                     f"fix it and run again (what was captured is in {path})"
                 )
-        context = collect_context(capsule, environ, runner=runner)
+        collect_context(capsule, environ, cwd=cwd, runner=runner)
+        error = file_errors(context.get("files", {}))
     except BaseException as exc:
-        status = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
-        capsule.context.update(extra, status=status, error=str(exc) or type(exc).__name__, config=config.as_dict())
-        write_json(path / CONTEXT, capsule.context)
-        capsule.write_manifest(status=status, finished=now().isoformat(), error=str(exc) or type(exc).__name__)
+        status = INTERRUPTED if isinstance(exc, (Interrupted, KeyboardInterrupt)) else FAILED
+        _close_context(capsule, status=status, error=str(exc) or type(exc).__name__)
         raise
-    error = file_errors(context["files"])
-    capsule.context = {**context, **extra, "config": config.as_dict(), "status": "failed" if error else "completed"}
-    if capsule.warnings:
-        capsule.context["warnings"] = list(capsule.warnings)
+    status, _ = settle(Outcome(incomplete=error is not None))
+    _close_context(capsule, status=status, error=error)
     if error:
-        capsule.context["error"] = error
-    write_json(path / CONTEXT, capsule.context)
-    if error:
-        capsule.write_manifest(status="failed", finished=now().isoformat(), error=error)
-        raise CaptureError(f"{error}; check free space and permissions (the capsule {path} is marked failed)")
-    git = {n: {"sha": g.get("sha"), "dirty": g.get("dirty")} for n, g in context["git"].items() if isinstance(g, dict)}
+        raise CaptureError(f"{error}; check free space and permissions (the capsule {path} is marked {status})")
+    git = {n: {"sha": g.get("sha"), "dirty": g.get("dirty")} for n, g in context.get("git", {}).items()}
+    capsule.manifest["git"] = cast("dict[str, dict[str, JSON]]", git)
     if kind == "capture":
-        capsule.write_manifest(git=git, status="completed", finished=now().isoformat())
-    else:  # written with the run's own fields, next
-        capsule.manifest["git"] = git
+        capsule.write_manifest(status=status, finished=now().isoformat())
     return capsule
 
 
-# =============================================================================
-# Monitor
-# =============================================================================
+def _close_context(capsule: Capsule, *, status: str, error: str | None) -> None:
+    """Write context.json as far as it got, with its status; a failed capture's capsule.json too."""
+    context = capsule.context
+    context.update({"config": capsule.config.as_dict(), "status": status})
+    if error:
+        context["error"] = error
+    if capsule.warnings:
+        context["warnings"] = list(capsule.warnings)
+    first = ("root_directory", "cwd", "platform", "environment_variables", "git", "files", "cpu")  # 0.0.19's order
+    capsule.write(CONTEXT, {k: context.get(k) for k in first if k in context} | dict(context))
+    if status != COMPLETED:
+        capsule.write_manifest(status=status, finished=now().isoformat(), error=error)
+
+
+# === Monitor ==================================================================
 
 DRAIN_IDLE = 1.0  # s: after the command exits, stop reading pipes that stay silent this long
 DRAIN_MAX = 10.0  # s: ... or that a background child keeps busy this long
-INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class SignalRouter:
     """SIGINT, SIGTERM and SIGHUP while Capsula works: forwarded to the running command's
-    process group, or (before and after it runs) raised as Interrupted so that the capsule
-    is closed with the status "interrupted". Once `hold` is set, signals are only noted."""
+    process group; with no command running, noted for the record, and inside
+    ``interruptible()`` (a capture, storing files) raised once as Interrupted, so that the
+    work stops and is recorded as interrupted."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self.child_pgid: int | None = None
-        self.hold = False
+        self.raising = False
 
     def _handle(self, signum: int, frame: object) -> None:
-        first = self.received is None
-        if first:
-            self.received = signum
+        self.received = self.received or signum
         if self.child_pgid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.child_pgid, signum)
-        elif first and not self.hold:
+        elif self.raising:
+            self.raising = False  # once: what handles it must be able to write its record
             raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        self.raising = True
+        try:
+            yield
+        finally:
+            self.raising = False
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[SignalRouter]:
@@ -1612,15 +2052,36 @@ def _pump(pid: int, tees: Sequence[_Tee]) -> tuple[int, Any]:
     return status, rusage
 
 
-def run_command(args: Sequence[str], *, env: Mapping[str, str], capsule: Path, router: SignalRouter) -> dict[str, JSON]:
-    """Run a command in its own process group, teeing its output live into the capsule;
-    record how it ended."""
+class RunResult(NamedTuple):
+    """How a command ended, as run_command saw it."""
+
+    exit_code: int | None = None  # None: it never started
+    signal_number: int | None = None  # the signal that ended it
+    run_time: float = 0.0
+    error: str | None = None  # why it could not run, or what of its output could not be saved
+    resource_usage: dict[str, float] | None = None
+    streams: tuple[tuple[str, bool, int], ...] = ()  # stdout, stderr: (text of the end, cut, bytes)
+
+    def fields(self) -> dict[str, JSON]:
+        """post-run-info.json's keys for the run (after 0.0.19's stdout, stderr, exit_code)."""
+        out: dict[str, JSON] = {}
+        for key, (text, cut, size) in zip(("stdout", "stderr"), self.streams or (("", False, 0),) * 2, strict=True):
+            out[key], out[f"{key}_truncated"], out[f"{key}_bytes"] = text, cut, size
+        signal = None if self.signal_number is None else signal_name(self.signal_number)
+        usage = cast("dict[str, JSON] | None", self.resource_usage)
+        out.update(signal=signal, signal_number=self.signal_number, error=self.error, resource_usage=usage)
+        return out
+
+
+def run_command(
+    args: Sequence[str], *, cwd: Path, env: Mapping[str, str], capsule: Path, router: SignalRouter
+) -> RunResult:
+    """Run a command in its own process group, teeing its output live into the capsule."""
     tees: list[_Tee] = []
-    record: dict[str, JSON] = {"signal": None, "signal_number": None, "error": None, "resource_usage": None}
     start = time.perf_counter()
     (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
     try:
-        pid = spawn(args, env=env, fds=(None, out_w, err_w), new_group=True)
+        pid = spawn(args, cwd=cwd, env=env, fds=(None, out_w, err_w), new_group=True)
     except OSError as exc:
         os.close(out_r)
         os.close(err_r)
@@ -1628,8 +2089,7 @@ def run_command(args: Sequence[str], *, env: Mapping[str, str], capsule: Path, r
         what = "command not found" if code == 127 else f"cannot run the command ({user_error_text(exc)})"
         for name in (STDOUT, STDERR):
             write_bytes_atomic(capsule / name, b"")
-        record.update(exit_code=code, error=f"{what}: {args[0]}", run_time=time.perf_counter() - start)
-        return record
+        return RunResult(exit_code=code, error=f"{what}: {args[0]}", run_time=time.perf_counter() - start)
     finally:
         os.close(out_w)
         os.close(err_w)
@@ -1652,45 +2112,17 @@ def run_command(args: Sequence[str], *, env: Mapping[str, str], capsule: Path, r
         os.close(err_r)
         for tee in tees:
             tee.close()
-    run_time = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
-    if code < 0:
-        with contextlib.suppress(ValueError):  # real-time signals have no name
-            record["signal"] = signal.Signals(-code).name
-        record["signal_number"], code = -code, 128 - code
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in KiB on Linux, bytes on macOS
-    user, system, peak = round(rusage.ru_utime, 6), round(rusage.ru_stime, 6), rusage.ru_maxrss * scale
-    record["resource_usage"] = {"user_time": user, "system_time": system, "max_rss_bytes": peak}
-    record.update(exit_code=code, run_time=run_time)
-    for tee, key in zip(tees, ("stdout", "stderr"), strict=True):
-        record[key], record[f"{key}_truncated"] = tee.text()
-        record[f"{key}_bytes"] = tee.size
-        if tee.error:
-            record["error"] = tee.error
-    return record
-
-
-def run_status(exit_code: int, *, signum: int | None, interrupted_by: int | None) -> str:
-    """completed / failed / interrupted: what a reader of the capsule wants to know first."""
-    if interrupted_by is not None or signum in INTERRUPT_SIGNALS:
-        return "interrupted"
-    return "completed" if exit_code == 0 else "failed"
-
-
-def _pre_run_base(capsule: Capsule, started: datetime.datetime, kind: str) -> dict[str, JSON]:
-    root = str(capsule.config.root)
-    return {"root_directory": root, "cwd": os.getcwd(), "timestamp": started.isoformat(), "kind": kind, **_whoami()}
-
-
-def _post_run_base(capsule: Capsule, run_time: float, files: dict[str, JSON]) -> dict[str, JSON]:
-    root, ended = str(capsule.config.root), now().isoformat()
-    return {"root_directory": root, "timestamp": ended, "run_time": iso_duration(run_time), "files": files}
-
-
-def _capture_items(capsule: Capsule, items: Sequence[str]) -> dict[str, JSON]:
-    specs = [spec for name in items for spec in capsule.config.items[name]]
-    return capture_files(
-        specs, root=capsule.config.root, capsule=capsule.path, reserved=capsule.reserved, warnings=capsule.warnings
+    usage = {"user_time": round(rusage.ru_utime, 6), "system_time": round(rusage.ru_stime, 6)}
+    usage["max_rss_bytes"] = rusage.ru_maxrss * scale
+    return RunResult(
+        exit_code=128 - code if code < 0 else code,
+        signal_number=-code if code < 0 else None,
+        run_time=time.perf_counter() - start,
+        error=" ".join(tee.error for tee in tees if tee.error) or None,
+        resource_usage=usage,
+        streams=tuple((*tee.text(), tee.size) for tee in tees),
     )
 
 
@@ -1706,78 +2138,91 @@ def check_items(config: Config, items: Sequence[str]) -> None:
         raise ConfigError(f"unknown item '{unknown[0]}': no [monitor.item.{unknown[0]}] in {where}; {hint}")
 
 
+def capture_items(
+    capsule: Capsule, items: Sequence[str], *, into: dict[str, FileRecord | None]
+) -> dict[str, FileRecord | None]:
+    """Record the files of the named items after the run, each into ``into`` once stored."""
+    config, warnings = capsule.config, capsule.warnings
+    for spec in (spec for name in items for spec in config.items[name]):
+        into[spec.path] = capture_file(
+            spec, root=config.root, capsule=capsule.path, reserved=capsule.reserved, warnings=warnings
+        )
+    return into
+
+
 def monitor_command(
-    args: Sequence[str], *, config: Config, items: Sequence[str] = (), rerun_of: str | None = None,
-    cwd: Path | None = None, environ: Mapping[str, str] | None = None,
-) -> tuple[int, Capsule | None]:  # fmt: skip
-    """Capture the context, run the command and record the run; returns (exit code, capsule)."""
+    args: Sequence[str],
+    *,
+    config: Config,
+    items: Sequence[str] = (),
+    cwd: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    rerun_of: str | None = None,
+) -> tuple[int, Capsule | None]:
+    """Capture the context, run the command in cwd and record the run; returns (exit
+    code, capsule), the capsule None when a signal stopped the capture."""
     check_items(config, items)
+    cwd = Path(cwd or os.getcwd())
     environ = dict(os.environ if environ is None else environ)
     router = SignalRouter()
-    with router.installed(), contextlib.chdir(cwd or os.getcwd()):
+    with router.installed():
         try:
-            capsule = capture(config, kind="command", environ=environ)
+            with router.interruptible():
+                capsule = capture(config, kind="command", environ=environ, cwd=cwd)
         except Interrupted as exc:
-            return 128 + exc.signum, None
-        shown = (
-            redact_args(args, config.secret_patterns, config.secret_allow) if config.redact_arguments else list(args)
-        )
-        started = now()
-        pre = {
-            **_pre_run_base(capsule, started, "command"),
-            "args": shown,
-            "items": {name: {f.path: f.as_dict() for f in config.items[name]} for name in items},
-        }
-        if shown != list(args):
+            return settle(Outcome(interrupted_by=exc.signum))[1], None
+        shown = redact_args(args, config.secret_patterns, config.secret_allow) if config.redact_arguments else args
+        pre = pre_run_record("command", root=config.root, cwd=cwd, started=now(), items=_items(config, items))
+        pre["args"] = list(shown)
+        if list(shown) != list(args):
             pre["args_redacted"] = True
         if rerun_of:
             pre["rerun_of"] = rerun_of
-        try:
-            write_json(capsule.path / PRE_RUN, pre)
-            capsule.write_manifest(command=shown, items=list(items), rerun_of=rerun_of)
-            env = {**environ, "CAPSULE_DIR": str(capsule.path)}
-            run = run_command(args, env=env, capsule=capsule.path, router=router)
-        except Interrupted as exc:  # before the command started
-            run = {
-                "exit_code": 128 + exc.signum, "run_time": 0.0, "signal": None, "signal_number": None,
-                "error": "interrupted before the command started", "resource_usage": None,
-            }  # fmt: skip
-        files: dict[str, JSON] = {}
-        try:
-            files = _capture_items(capsule, items)
-        except Interrupted:
-            pass  # the file being moved is still at its source, or complete in the capsule
-        run["error"] = " ".join(filter(None, [run["error"], file_errors(files)])) or None
-        router.hold = True
-        code = int(run["exit_code"])
-        status = run_status(code, signum=run["signal_number"], interrupted_by=router.received)
-        if router.received is not None:
-            code = 128 + router.received
-        elif run["error"] and code == 0:  # the run went well but its record is incomplete
-            code = 1
-        return code, _finish_command(capsule, run, files, status=status)
+        capsule.write(PRE_RUN, pre)
+        capsule.write_manifest(command=list(shown), items=list(items), rerun_of=rerun_of)
+        env = {**environ, "CAPSULE_DIR": str(capsule.path), "CAPSULA_CAPSULE_NAME": capsule.path.name}
+        if router.received is None:
+            run = run_command(args, cwd=cwd, env=env, capsule=capsule.path, router=router)
+        else:
+            run = RunResult(error="interrupted before the command started")
+        files: dict[str, FileRecord | None] = {}
+        with contextlib.suppress(Interrupted), router.interruptible():  # what is stored so far is recorded
+            capture_items(capsule, items, into=files)
+        error = " ".join(filter(None, [run.error, file_errors(files)])) or None
+        outcome = Outcome(run.exit_code, run.signal_number, router.received, incomplete=error is not None)
+        status, code = settle(outcome)
+        ended = {**run.fields(), "exit_code": code if run.exit_code is None else run.exit_code, "error": error}
+        ended = {k: ended[k] for k in ("stdout", "stderr", "exit_code")} | ended  # 0.0.19's order first
+        finish_run(capsule, run_time=run.run_time, files=files, ended=ended, status=status)
+        return code, capsule
 
 
-def _finish_command(capsule: Capsule, run: dict[str, JSON], files: dict[str, JSON], *, status: str) -> Capsule:
-    run_time = float(run.pop("run_time"))
-    post = _post_run_base(capsule, run_time, files)
-    post.update(stdout=run.pop("stdout", ""), stderr=run.pop("stderr", ""), exit_code=run.pop("exit_code"))
-    post.update(status=status, run_time_seconds=round(run_time, 6), **run)
-    if capsule.warnings:
-        post["warnings"] = capsule.warnings
+def _items(config: Config, items: Sequence[str]) -> dict[str, Sequence[FileSpec]]:
+    return {name: config.items[name] for name in items}
+
+
+def finish_run(
+    capsule: Capsule, *, run_time: float, files: dict[str, FileRecord | None], ended: dict[str, JSON], status: str
+) -> None:
+    """Write post-run-info.json and close capsule.json. On a full disk the record is kept
+    without the inline output text (all of it is in stdout.txt and stderr.txt)."""
+    root, warnings = capsule.config.root, capsule.warnings
+    post = post_run_record(root=root, run_time=run_time, files=files, ended=ended, status=status, warnings=warnings)
     try:
-        write_json(capsule.path / POST_RUN, post)
-    except VaultError as exc:  # a full disk: keep the record, without the inline output text
-        post.update(stdout="", stderr="", error=f"{post['error'] or ''} {exc}".strip())
-        write_json(capsule.path / POST_RUN, post)
-    ended = {"finished": post["timestamp"], "exit_code": post["exit_code"], "run_time": post["run_time_seconds"]}
-    capsule.write_manifest(status=status, error=post["error"], **ended)
-    return capsule
+        capsule.write(POST_RUN, post)
+    except VaultError as exc:
+        post.update({"stdout": "", "stderr": "", "error": f"{post.get('error') or ''} {exc}".strip()})
+        capsule.write(POST_RUN, post)
+    capsule.write_manifest(
+        status=status,
+        finished=post["timestamp"],
+        exit_code=post.get("exit_code"),
+        run_time=post["run_time_seconds"],
+        error=post.get("error") or (post.get("exception_info") or {"error_type": None}).get("error_type"),
+    )
 
 
-# =============================================================================
-# Decorator
-# =============================================================================
+# === Decorator ================================================================
 
 _CURRENT_CAPSULE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("capsula_capsule", default=None)
 
@@ -1790,13 +2235,18 @@ def get_capsule_dir() -> Path:
         return current
     if os.environ.get("CAPSULE_DIR"):
         return Path(os.environ["CAPSULE_DIR"])
-    raise CapsulaError(
+    raise NotInRunError(
         "get_capsule_dir() was called outside a monitored run; call it inside a function decorated "
         "with @capsula.monitor or a command run by 'capsula monitor'"
     )
 
 
-def _exception_info(exc: BaseException) -> dict[str, JSON]:
+def get_capsule_name() -> str:
+    """The name of the capsule of the run this code is part of (CAPSULA_CAPSULE_NAME)."""
+    return get_capsule_dir().name
+
+
+def _exception_info(exc: BaseException) -> ExceptionRecord:
     import traceback
 
     try:
@@ -1807,6 +2257,12 @@ def _exception_info(exc: BaseException) -> dict[str, JSON]:
     return {"error_type": type(exc).__name__, "error_message": message, "error_details": details}
 
 
+@overload
+def monitor(directory: Callable[P, R], /) -> Callable[P, R]: ...
+@overload
+def monitor(
+    directory: str | os.PathLike[str] | None = None, *, items: Sequence[str] = (), include_return_value: bool = False
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 def monitor(
     directory: Callable[..., Any] | str | os.PathLike[str] | None = None,
     *,
@@ -1822,32 +2278,26 @@ def monitor(
     func = directory if callable(directory) else None
     root = None if callable(directory) else directory
 
-    def decorate(fn: F) -> F:
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         import inspect
 
-        source = inspect.getsourcefile(fn) or inspect.getfile(fn)
+        source = Path(inspect.getsourcefile(fn) or inspect.getfile(fn)).absolute()
         line = fn.__code__.co_firstlineno if hasattr(fn, "__code__") else None
-        if root is not None:
-            config = load_config(root)
-        else:
-            config = load_config(cwd=Path(source).absolute().parent)
+        config = load_config(root) if root is not None else load_config(cwd=source.parent)
         check_items(config, items)
 
         @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             capsule = capture(config, kind="function")
-            started = now()
-            pre = {
-                **_pre_run_base(capsule, started, "function"),
-                "source_file": str(Path(source).absolute()),
-                "source_line": line,
-                "function_name": fn.__name__,
-                "args": jsonable(args),
-                "kwargs": jsonable(kwargs),
-                "items": list(items),
-            }
-            write_json(capsule.path / PRE_RUN, pre)
-            capsule.write_manifest(function=f"{fn.__module__}.{fn.__qualname__}")
+            pre = pre_run_record(
+                "function", root=config.root, cwd=Path.cwd(), started=now(), items=_items(config, items)
+            )
+            pre.update({"source_file": str(source), "source_line": line, "function_name": fn.__name__})
+            pre.update(
+                {"args": cast("list[JSON]", jsonable(args)), "kwargs": cast("dict[str, JSON]", jsonable(kwargs))}
+            )
+            capsule.write(PRE_RUN, pre)
+            capsule.write_manifest(function=f"{fn.__module__}.{fn.__qualname__}", items=list(items))
             token = _CURRENT_CAPSULE.set(capsule.path)
             start = time.perf_counter()
             outcome: BaseException | None = None
@@ -1865,135 +2315,59 @@ def monitor(
                 warn(f"the run was not fully recorded: {exc}")
             if outcome is not None:
                 raise outcome.with_traceback(outcome.__traceback__)
-            return result
+            return cast("R", result)
 
-        return wrapper  # type: ignore[return-value]
+        return wrapper
 
     return decorate(func) if func is not None else decorate
 
 
 def _finish_function(
-    capsule: Capsule, run_time: float, items: Sequence[str], outcome: BaseException | None, value: Any
+    capsule: Capsule, run_time: float, items: Sequence[str], outcome: BaseException | None, value: object
 ) -> None:
-    files = _capture_items(capsule, items)
+    files = capture_items(capsule, items, into={})
     error = file_errors(files)
     if error:  # the function's own outcome reaches the caller; the record says what is missing
         warn(f"{error} (capsule {capsule.path})", capsule.warnings)
-    post = _post_run_base(capsule, run_time, files)
-    post["return_value"] = jsonable(value)
-    post["exception_info"] = _exception_info(outcome) if outcome is not None else None
-    if isinstance(outcome, KeyboardInterrupt):
-        status = "interrupted"
-    elif outcome is None or (isinstance(outcome, SystemExit) and outcome.code in (0, None)):
-        status = "completed"
-    else:
-        status = "failed"
-    post["status"] = status
-    post["run_time_seconds"] = round(run_time, 6)
-    if capsule.warnings:
-        post["warnings"] = capsule.warnings
-    write_json(capsule.path / POST_RUN, post)
-    capsule.write_manifest(status=status, finished=post["timestamp"], run_time=post["run_time_seconds"])
+    code = outcome.code if isinstance(outcome, SystemExit) else None
+    exit_code = code if isinstance(code, int) else (0 if code is None else 1)
+    raised = type(outcome).__name__ if outcome is not None else None
+    status, _ = settle(Outcome(exit_code=exit_code, raised=raised, incomplete=error is not None))
+    info = _exception_info(outcome) if outcome is not None else None
+    ended = {"return_value": jsonable(value), "exception_info": cast("JSON", info)}
+    finish_run(capsule, run_time=run_time, files=files, ended=ended, status=status)
 
 
-# =============================================================================
-# Reproduce
-# =============================================================================
+# === Reproduce ================================================================
 
 # Fields that differ between any two runs; `capsula diff` leaves them out.
 DEFAULT_IGNORES = (
-    "*timestamp", "pre.pid", "pre.boot_id", "pre.rerun_of", "post.run_time_seconds", "post.resource_usage",
-    "post.stdout", "post.stderr",  # compared as stdout.txt / stderr.txt, with a unified diff
-    "context.cpu.hz_actual*", "context.pre_capture_commands.*.duration",
-)  # fmt: skip
-
-
-class Record(NamedTuple):
-    """A capsule read back: each file as far as it exists (a 0.0.19 capsule has no manifest)."""
-
-    path: Path
-    manifest: dict[str, JSON]
-    context: dict[str, JSON]
-    pre: dict[str, JSON]
-    post: dict[str, JSON]
-
-    @classmethod
-    def read(cls, path: Path) -> Record:
-        def part(name: str) -> dict[str, JSON]:
-            data = read_json(path / name)
-            return data if isinstance(data, dict) else {}
-
-        return cls(path=path, manifest=part(MANIFEST), context=part(CONTEXT), pre=part(PRE_RUN), post=part(POST_RUN))
-
-    @property
-    def kind(self) -> str:
-        kind = self.manifest.get("kind") or self.pre.get("kind")
-        if kind:
-            return str(kind)
-        return "function" if "function_name" in self.pre else ("command" if "args" in self.pre else "capture")
-
-    def output(self, name: str) -> bytes:
-        try:
-            return (self.path / name).read_bytes()
-        except OSError:  # 0.0.19 kept the text only in post-run-info.json
-            return str(self.post.get(name.split(".")[0], "")).encode()
-
-
-def _manifest_from_files(path: Path) -> dict[str, JSON]:
-    """What capsule.json would say, for a 0.0.19 or incomplete capsule that has none."""
-    r = Record.read(path)
-    if not r.context and not r.pre:
-        return {"status": "unreadable"}
-    ended = r.post.get("exit_code", 0 if r.post.get("exception_info", 1) is None else 1)
-    status = (
-        ("completed" if ended == 0 else "failed") if r.post else ("completed" if r.kind == "capture" else "unknown")
-    )
-    git = {n: {"sha": g.get("sha")} for n, g in (r.context.get("git") or {}).items() if isinstance(g, dict)}
-    what = r.pre.get("function_name") if r.kind == "function" else r.pre.get("args")
-    return {"kind": r.kind, "status": status, "started": r.pre.get("timestamp"), "exit_code": r.post.get("exit_code"),
-            "run_time": _seconds(r.post.get("run_time")), "git": git, "command": what}  # fmt: skip
+    *("*timestamp", "pre.pid", "pre.boot_id", "pre.rerun_of", "post.run_time_seconds", "post.resource_usage"),
+    *("post.stdout", "post.stderr"),  # compared as stdout.txt / stderr.txt, with a unified diff
+    *("context.cpu.hz_actual*", "context.pre_capture_commands.*.duration", "context.config", "context.git.*.diff_file"),
+)
 
 
 def summarize(path: Path, *, host: str, boot_id: str | None) -> dict[str, JSON]:
     """One row of `capsula list`, read from capsule.json alone when it is there."""
-    m = read_json(path / MANIFEST)
-    if not isinstance(m, dict):
-        m = _manifest_from_files(path)
-    status = m.get("status")
-    if status == "running" and m.get("host") == host and (m.get("boot_id") != boot_id or not _pid_alive(m.get("pid"))):
-        status = "died"
-    what = m.get("command") or m.get("function") or ""
+    try:
+        manifest: Manifest = cast("Manifest", read_part(path, MANIFEST, []))
+        if not manifest.get("status"):
+            manifest = manifest_of(read_capsule(path))
+    except VaultError:
+        manifest = {"status": "unreadable"}
+    what = manifest.get("command") or manifest.get("function") or ""
     return {
         "name": path.name,
-        "started": m.get("started"),
-        "kind": m.get("kind"),
-        "status": status,
-        "exit_code": m.get("exit_code"),
-        "run_time": m.get("run_time"),
-        "git": dict(m.get("git") or {}),
-        "command": " ".join(map(str, what)) if isinstance(what, list) else what,
-        "rerun_of": m.get("rerun_of"),
+        "started": manifest.get("started"),
+        "kind": manifest.get("kind"),
+        "status": status_as_read(manifest, host=host, boot_id=boot_id),
+        "exit_code": manifest.get("exit_code"),
+        "run_time": manifest.get("run_time"),
+        "git": cast("dict[str, JSON]", manifest.get("git") or {}),
+        "command": " ".join(what) if isinstance(what, list) else what,
+        "rerun_of": manifest.get("rerun_of"),
     }
-
-
-def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def _seconds(duration: object) -> float | None:
-    match = re.fullmatch(r"P(?:(\d+)D)?T?(?:(\d+)H)?(?:(\d+)M)?(?:([\d.]+)S)?", str(duration or ""))
-    if not match or not duration:
-        return None
-    d, h, m, s = (float(g or 0) for g in match.groups())
-    return d * 86400 + h * 3600 + m * 60 + s
 
 
 def list_capsules(vault: Path) -> list[dict[str, JSON]]:
@@ -2007,7 +2381,7 @@ def list_capsules(vault: Path) -> list[dict[str, JSON]]:
 def resolve_capsule(spec: str, vault: Path) -> Path:
     """A capsule named by path, name, unique name prefix, or ``latest`` / ``latest~N``."""
     direct = Path(spec)
-    if (direct / CONTEXT).exists() or (direct / MANIFEST).exists():
+    if any((direct / name).is_file() for name in (MANIFEST, CONTEXT, PRE_RUN)):
         return direct.absolute()
     match = re.fullmatch(r"latest(?:~(\d+))?", spec)
     if match:
@@ -2029,9 +2403,9 @@ def resolve_capsule(spec: str, vault: Path) -> Path:
     )
 
 
-def _short_git(git: Mapping[str, JSON]) -> str:
+def _short_git(git: object) -> str:
     parts = []
-    for g in git.values():
+    for g in git.values() if isinstance(git, dict) else ():
         if isinstance(g, dict) and g.get("sha"):
             parts.append(str(g["sha"])[:8] + ("*" if g.get("dirty") else ""))
     return ",".join(parts) or "-"
@@ -2040,10 +2414,10 @@ def _short_git(git: Mapping[str, JSON]) -> str:
 def format_table(rows: Sequence[dict[str, JSON]]) -> str:
     def cells(r: Mapping[str, JSON]) -> tuple[str, ...]:
         started, run_time = str(r["started"] or "-")[:19].replace("T", " "), r["run_time"]
-        seconds = "-" if run_time is None else f"{float(str(run_time)):.2f}s"
+        seconds = "-" if not isinstance(run_time, (int, float)) else f"{run_time:.2f}s"
         code = "-" if r["exit_code"] is None else str(r["exit_code"])
-        return (str(r["name"]), started, str(r["kind"] or "-"), str(r["status"] or "-"), code, seconds,
-                _short_git(r["git"] or {}), str(r["command"] or ""))  # fmt: skip
+        kind, status = str(r["kind"] or "-"), str(r["status"] or "-")
+        return (str(r["name"]), started, kind, status, code, seconds, _short_git(r["git"]), str(r["command"] or ""))
 
     lines = [("NAME", "STARTED", "KIND", "STATUS", "EXIT", "TIME", "GIT", "COMMAND"), *map(cells, rows)]
     widths = [max(len(line[i]) for line in lines) for i in range(7)]
@@ -2052,21 +2426,51 @@ def format_table(rows: Sequence[dict[str, JSON]]) -> str:
     )
 
 
-def flatten(data: JSON, prefix: str) -> dict[str, JSON]:
-    """Nested dicts as dotted paths; other values (lists included) are leaves."""
+Key = tuple[str, ...]  # a field: the keys that lead to it
+
+
+class Finding(NamedTuple):
+    """One difference: a field, its value in the first capsule and in the second (or now),
+    and for files compared as text, the lines of a unified diff."""
+
+    field: str
+    old: object = None
+    new: object = None
+    detail: tuple[str, ...] = ()
+
+
+ABSENT = "<absent>"
+
+
+def format_findings(findings: Sequence[Finding], *, old: str = "", new: str = "") -> list[str]:
+    """The findings as lines, each value labelled (``(capsule)``, ``(now)``) when asked."""
+
+    def shown(value: object) -> str:
+        return ABSENT if value is ABSENT else json.dumps(value, ensure_ascii=False)
+
+    lines: list[str] = []
+    for f in findings:
+        lines += f.detail or [f"{f.field}: {shown(f.old)}{old} -> {shown(f.new)}{new}"]
+    return lines
+
+
+def flatten(data: object, prefix: Key) -> dict[Key, object]:
+    """Nested tables as fields; other values (lists included) are leaves, but for lists
+    of tables, whose items are fields of their own."""
     if isinstance(data, dict) and data:
-        out: dict[str, JSON] = {}
+        out: dict[Key, object] = {}
         for key, value in data.items():
-            out.update(flatten(value, f"{prefix}.{key}"))
+            out.update(flatten(value, (*prefix, str(key))))
         return out
     if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
-        return {k: v for i, item in enumerate(data) for k, v in flatten(item, f"{prefix}.{i}").items()}
+        return {k: v for i, item in enumerate(data) for k, v in flatten(item, (*prefix, str(i))).items()}
     return {prefix: data}
 
 
-def _ignored(path: str, patterns: Sequence[str]) -> bool:
+def _ignored(key: Key | str, patterns: Sequence[str]) -> bool:
     import fnmatch
 
+    path = key if isinstance(key, str) else ".".join(key)
     short = path.split(".", 1)[1] if "." in path else path
     return any(
         p in (path, short)
@@ -2078,19 +2482,16 @@ def _ignored(path: str, patterns: Sequence[str]) -> bool:
     )
 
 
-def compare_fields(a: Mapping[str, JSON], b: Mapping[str, JSON], ignore: Sequence[str]) -> list[str]:
-    """'path: A -> B' for every differing leaf not ignored."""
-    lines = []
-    for key in sorted(set(a) | set(b), key=lambda k: (k.split(".")[0] != "context", k)):
-        if _ignored(key, ignore):
-            continue
-        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
-        if va != vb:
-            lines.append(f"{key}: {json.dumps(va, ensure_ascii=False)} -> {json.dumps(vb, ensure_ascii=False)}")
-    return lines
+def compare_fields(a: Mapping[Key, object], b: Mapping[Key, object], ignore: Sequence[str] = ()) -> list[Finding]:
+    """A finding for every differing field that is not ignored, the context's first."""
+    findings = []
+    for key in sorted(set(a) | set(b), key=lambda k: (k[0] != "context", k)):
+        if not _ignored(key, ignore) and a.get(key, ABSENT) != b.get(key, ABSENT):
+            findings.append(Finding(".".join(key), a.get(key, ABSENT), b.get(key, ABSENT)))
+    return findings
 
 
-def text_diff(a: bytes, b: bytes, label: str, *, limit: int = 200) -> list[str]:
+def text_diff(a: bytes, b: bytes, label: str, *, limit: int = 200) -> list[Finding]:
     import difflib
 
     if a == b:
@@ -2105,222 +2506,222 @@ def text_diff(a: bytes, b: bytes, label: str, *, limit: int = 200) -> list[str]:
         )
     )
     if not lines:  # differ in bytes only (line endings, invalid UTF-8)
-        return [f"{label}: the bytes differ ({len(a)} vs {len(b)} bytes)"]
+        lines = [f"{label}: the bytes differ ({len(a)} vs {len(b)} bytes)"]
     cut = [f"... {len(lines) - limit} more lines"] if len(lines) > limit else []
-    return lines[:limit] + cut
+    return [Finding(label, len(a), len(b), tuple(lines[:limit] + cut))]
 
 
-def _diff_files(record: Record) -> dict[str, bytes]:
-    out = {}
-    for name, g in (record.context.get("git") or {}).items():
-        with contextlib.suppress(OSError):
-            out[f"{name}.diff"] = (
-                record.path / str((g.get("diff_file") if isinstance(g, dict) else None) or f"{name}.diff")
-            ).read_bytes()
-    return out
+def _fields(record: Record) -> dict[Key, object]:
+    return {**flatten(record.context, ("context",)), **flatten(record.pre, ("pre",)), **flatten(record.post, ("post",))}
 
 
-def diff_capsules(a: Record, b: Record, *, ignore: Sequence[str] = ()) -> list[str]:
+def diff_capsules(a: Record, b: Record, *, ignore: Sequence[str] = ()) -> list[Finding]:
     """Every difference between two capsules that is not ignored; empty when they match."""
-    ignore = (*DEFAULT_IGNORES, *ignore, "context.config", "context.git.*.diff_file")
-    fa = {**flatten(a.context, "context"), **flatten(a.pre, "pre"), **flatten(a.post, "post")}
-    fb = {**flatten(b.context, "context"), **flatten(b.pre, "pre"), **flatten(b.post, "post")}
-    lines = compare_fields(fa, fb, ignore)
-    da, db = _diff_files(a), _diff_files(b)
+    ignore = (*DEFAULT_IGNORES, *ignore)
+    findings = compare_fields(_fields(a), _fields(b), ignore)
+    da, db = a.diff_files(), b.diff_files()
     for name in sorted(set(da) | set(db)):
-        if not _ignored(f"git.{name}", ignore):
-            lines += text_diff(da.get(name, b""), db.get(name, b""), name)
+        if not _ignored(f"git.{name}.diff", ignore):
+            findings += text_diff(da.get(name, b""), db.get(name, b""), f"{name}.diff")
     if a.kind == "command" or b.kind == "command":
         for name in (STDOUT, STDERR):
             if not _ignored(name, ignore):
-                lines += text_diff(a.output(name), b.output(name), name)
-    return lines
+                findings += text_diff(a.output(name), b.output(name), name)
+    return findings
+
+
+def _recorded_files(record: Record, root: Path) -> tuple[FileSpec, ...]:
+    """The input files a capsule hashed (those it moved are gone), each checked to lie in root."""
+    specs = []
+    for path, entry in record.context.get("files", {}).items():
+        if not (entry and entry.get("moved")):
+            confined(root, path, what=f"{record.name}: files")
+            specs.append(FileSpec(path=path, hash=(entry or {}).get("hash_algorithm")))
+    return tuple(specs)
 
 
 def _config_from_record(record: Record, root: Path) -> Config:
     """The capsule's own capture settings (0.0.19 capsules: what its context.json names)."""
-    recorded: dict[str, JSON] = record.context.get("config") or {}
-    ctx_files = record.context.get("files") or {}
-    specs = tuple(
-        FileSpec(path=p, hash=(e or {}).get("hash_algorithm"))
-        for p, e in ctx_files.items()
-        if not (isinstance(e, dict) and e.get("moved"))
-    )
-    repos = tuple(
-        (n, str(g.get("path", "."))) for n, g in (record.context.get("git") or {}).items() if isinstance(g, dict)
-    )
+    recorded = record.context.get("config", {})
+    names = recorded.get("environment_variables") or list(record.context.get("environment_variables", {}))
+    repos = tuple((n, g.get("path", ".")) for n, g in record.context.get("git", {}).items())
+    for name, rel in repos:
+        confined(root, rel, what=f"{record.name}: git.{name}.path")
     return Config(
         root=root,
-        vault_directory=str(record.path.parent),
-        environment_variables=tuple(
-            recorded.get("environment_variables") or record.context.get("environment_variables") or ()
-        ),
-        files=specs,
+        environment_variables=tuple(cast("list[str]", names)),
+        files=_recorded_files(record, root),
         git_repositories=repos,
         include_packages="packages" in record.context,
-        secret_patterns=tuple(recorded.get("secret_patterns", DEFAULT_SECRET_PATTERNS)),
-        secret_allow=tuple(recorded.get("secret_allow", ())),
+        secret_patterns=tuple(cast("list[str]", recorded.get("secret_patterns", DEFAULT_SECRET_PATTERNS))),
+        secret_allow=tuple(cast("list[str]", recorded.get("secret_allow", ()))),
     )
 
 
-# What verify compares: what could change a result (not the host name, not timestamps).
-VERIFY_FIELDS = (
-    *(f"context.platform.{k}" for k in ("system", "machine", "release", "python.implementation", "python.version")),
-    *(f"context.{k}." for k in ("platform.python.executable", "environment_variables", "git", "files", "packages")),
-)
+def _verified(key: Key) -> bool:
+    """Whether verify compares a field: what could change a result (not the host name,
+    not timestamps, not the interpreter's path)."""
+    section, rest = (key[1], key[2:]) if len(key) > 1 else ("", ())
+    if section == "platform":
+        return rest in (("system",), ("machine",), ("release",), ("python", "implementation"), ("python", "version"))
+    if section in ("git", "files", "packages"):
+        return len(rest) > 1 and rest[-1] in ("sha", "branch", "dirty", "untracked", "file_hash", "version", "source")
+    return section == "environment_variables"
 
 
-def verify_capsule(record: Record, *, runner: Runner = start_process) -> tuple[list[str], list[str]]:
-    """Differences between the capsule and the current environment that could change a
-    result, and notes on what could not be compared."""
+def verify_capsule(record: Record, *, root: Path, scratch: Path, runner: Runner = start_process) -> list[Finding]:
+    """Differences between the capsule and the current environment of the project at root
+    that could change a result. Writes nothing but its scratch files, in scratch."""
     import tempfile
 
-    root = Path(str(record.context.get("root_directory") or os.getcwd()))
     config = _config_from_record(record, root)
-    # The temporary index and patches live in the vault (nothing is written outside it).
-    with tempfile.TemporaryDirectory(prefix=".verify-", dir=record.path.parent) as tmp:
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="verify-", dir=scratch) as tmp:
         now_ctx = Capsule(path=Path(tmp), config=config)
-        current = collect_context(now_ctx, os.environ, runner=runner, in_place=True)
-        now_diffs = {
-            n: (Path(tmp) / f"{n}.diff").read_bytes() for n in current["git"] if (Path(tmp) / f"{n}.diff").exists()
-        }
-    keep = ("sha", "branch", "dirty", "untracked", "file_hash", "version", "source")
-    fa, fb = flatten(record.context, "context"), flatten(current, "context")
-    wanted = [k for k in set(fa) | set(fb) if k.startswith(VERIFY_FIELDS) or k in VERIFY_FIELDS]
-    wanted = [
-        k
-        for k in wanted
-        if not k.startswith(("context.git.", "context.files.", "context.packages.")) or k.rsplit(".", 1)[1] in keep
-    ]
-    moved = [
-        f"context.files.{p}."
-        for p, e in (record.context.get("files") or {}).items()
-        if isinstance(e, dict) and e.get("moved")
-    ]
-    wanted = [k for k in wanted if not k.startswith(tuple(moved))]
-    lines = compare_fields({k: fa.get(k, "<absent>") for k in wanted}, {k: fb.get(k, "<absent>") for k in wanted}, ())
-    for name, patch in _diff_files(record).items():
-        if patch != now_diffs.get(name[: -len(".diff")], b""):
-            lines.append(f"git.{name[:-5]}: the uncommitted changes differ from the capsule's {name}")
-    notes = [
-        f"{path}: moved into the capsule when captured; not compared"
-        for path, e in (record.context.get("files") or {}).items()
-        if isinstance(e, dict) and e.get("moved")
-    ]
-    return [line.replace(" -> ", " (capsule) -> ") + " (now)" if " -> " in line else line for line in lines], notes
+        collect_context(now_ctx, os.environ, cwd=root, runner=runner, in_place=True)
+        now_diffs = Record(Path(tmp), {}, now_ctx.context, {}, {}).diff_files()
+    fa, fb = flatten(record.context, ("context",)), flatten(now_ctx.context, ("context",))
+    moved = {p for p, e in record.context.get("files", {}).items() if e and e.get("moved")}
+    wanted = [k for k in set(fa) | set(fb) if _verified(k) and not (k[1] == "files" and k[2] in moved)]
+    findings = compare_fields({k: fa.get(k, ABSENT) for k in wanted}, {k: fb.get(k, ABSENT) for k in wanted})
+    for name, patch in record.diff_files().items():
+        if patch != now_diffs.get(name, b""):
+            what = f"git.{name}: the uncommitted changes differ from the capsule's {name}.diff"
+            findings.append(Finding(f"git.{name}.diff", detail=(what,)))
+    return findings
 
 
-def _code_repo(record: Record) -> tuple[str, dict[str, JSON]]:
+def _code_repo(record: Record) -> tuple[str, GitRecord]:
     """The recorded repository that holds the root: the code state a rerun rebuilds."""
-    for name, g in (record.context.get("git") or {}).items():
-        if isinstance(g, dict) and g.get("sha") and not str(g.get("root_in_repo", ".")).startswith(".."):
+    for name, g in record.context.get("git", {}).items():
+        if g.get("sha") and not g.get("root_in_repo", ".").startswith(".."):
             return name, g
     raise CapsulaError(
-        f"{record.path.name} records no git commit for its root, so its code cannot be rebuilt; "
+        f"{record.name} records no git commit for its root, so its code cannot be rebuilt; "
         "use 'capsula rerun --here' to rerun it in the current working tree"
     )
 
 
-def _rerun_args(record: Record) -> list[str]:
-    if record.kind != "command" or not isinstance(record.pre.get("args"), list):
-        raise CapsulaError(f"{record.path.name} is a {record.kind} capsule; only a command capsule can be rerun")
-    if record.pre.get("args_redacted") or REDACTED in record.pre["args"]:
+def rerun_args(record: Record) -> list[str]:
+    args = record.pre.get("args")
+    if record.kind != "command" or not args or not all(isinstance(a, str) for a in args):
+        raise CapsulaError(f"{record.name} is a {record.kind} capsule; only a command capsule can be rerun")
+    if record.pre.get("args_redacted") or REDACTED in args:
         raise CapsulaError(
-            f"{record.path.name} recorded its arguments redacted ({' '.join(record.pre['args'])}); "
+            f"{record.name} recorded its arguments redacted ({' '.join(map(str, args))}); "
             "rerun it by hand with the real values"
         )
-    return [str(a) for a in record.pre["args"]]
+    return [str(a) for a in args]
 
 
 @contextlib.contextmanager
-def rebuilt_worktree(record: Record, *, runner: Runner = start_process) -> Iterator[Path]:
-    """A temporary git worktree (in the vault) at the recorded sha with the capsule's diff
-    applied, untracked files included; removed afterwards, also on Ctrl-C. The user's own
-    working tree, index and branches are not touched."""
+def rebuilt_worktree(record: Record, *, source: Path, scratch: Path, runner: Runner = start_process) -> Iterator[Path]:
+    """A temporary git worktree (in scratch) of the repository at source, at the recorded
+    sha with the capsule's diff applied, untracked files included; yields the root in it.
+    Removed afterwards, also on Ctrl-C: only that worktree, never another one's record.
+    The user's own working tree, index and branches are not touched."""
     import shutil
     import tempfile
 
     name, repo = _code_repo(record)
-    root = Path(str(record.context.get("root_directory")))
-    source = root / str(repo.get("path", "."))
-    if not source.is_dir():
-        raise CapsulaError(f"the recorded repository {source} is gone; rerun from a clone with 'capsula rerun --here'")
-    tmp = Path(tempfile.mkdtemp(prefix=".rerun-", dir=record.path.parent))
+    env = git_environment(os.environ)
+    scratch.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="rerun-", dir=scratch))
     tree = tmp / "tree"
     try:
-        _git(runner, source, "worktree", "add", "--detach", "--quiet", str(tree), str(repo["sha"]))
-        patch = _diff_files(record).get(f"{name}.diff", b"")
-        if patch.strip():
-            _git(runner, tree, "apply", "--binary", "--whitespace=nowarn", str(record.path / f"{name}.diff"))
-        yield tree / str(repo.get("root_in_repo", "."))
+        run_git(runner, source, "worktree", "add", "--detach", "--quiet", str(tree), str(repo.get("sha")), env=env)
+        patch = record.inside(repo.get("diff_file", f"{name}.diff"), what=f"git.{name}.diff_file")
+        if patch.is_file() and patch.stat().st_size:
+            run_git(runner, tree, "apply", "--binary", "--whitespace=nowarn", str(patch), env=env)
+        yield confined(tree, repo.get("root_in_repo", "."), what=f"{record.name}: git.{name}.root_in_repo")
     finally:
         with contextlib.suppress(CapsulaError, OSError):
-            _git(runner, source, "worktree", "remove", "--force", str(tree))
+            run_git(runner, source, "worktree", "remove", "--force", str(tree), env=env)
         shutil.rmtree(tmp, ignore_errors=True)
-        with contextlib.suppress(CapsulaError, OSError):
-            _git(runner, source, "worktree", "prune")
 
 
 def _restore_inputs(record: Record, root: Path) -> None:
-    """Put the copied input files back, as they were when the capsule was made."""
+    """Put the copied input files back in the rebuilt root, as they were when the capsule
+    was made; each source inside the capsule, each destination inside the root."""
     import shutil
 
-    for path, entry in (record.context.get("files") or {}).items():
-        if isinstance(entry, dict) and entry.get("copied") and entry.get("stored_as"):
-            dest = root / path
+    for path, entry in record.context.get("files", {}).items():
+        if entry and entry.get("copied") and entry.get("stored_as"):
+            src = record.inside(entry.get("stored_as"), what=f"files.{path}.stored_as")
+            dest = confined(root, path, what=f"{record.name}: files")  # links resolved: never outside
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(record.path / str(entry["stored_as"]), dest)
+            shutil.copyfile(src, dest, follow_symlinks=False)
 
 
-def _recorded_environ(record: Record) -> dict[str, str]:
+def recorded_environ(record: Record) -> dict[str, str]:
     env = dict(os.environ)
-    for key, value in (record.context.get("environment_variables") or {}).items():
+    for key, value in record.context.get("environment_variables", {}).items():
         if value is None:
             env.pop(key, None)
         elif value != REDACTED:  # a redacted value cannot be restored: the current one stays
-            env[key] = str(value)
+            env[key] = value
     return env
 
 
-def compare_runs(old: Record, new: Record) -> list[str]:
+def compare_runs(old: Record, new: Record) -> list[Finding]:
     """What a rerun changed in the result: exit code, output files, stdout."""
-    lines = []
+    findings = []
     if old.post.get("exit_code") != new.post.get("exit_code"):
-        lines.append(f"exit code: {old.post.get('exit_code')} -> {new.post.get('exit_code')}")
-    fa, fb = old.post.get("files") or {}, new.post.get("files") or {}
+        findings.append(Finding("exit code", old.post.get("exit_code"), new.post.get("exit_code")))
+    fa, fb = old.post.get("files", {}), new.post.get("files", {})
     for path in sorted(set(fa) | set(fb)):
-        ha, hb = ((e or {}).get("file_hash") if isinstance(e, dict) else None for e in (fa.get(path), fb.get(path)))
+        ha, hb = ((e or {}).get("file_hash") for e in (fa.get(path), fb.get(path)))
         if ha != hb:
-            lines.append(f"output file {path}: {ha or 'missing'} -> {hb or 'missing'}")
-    lines += text_diff(old.output(STDOUT), new.output(STDOUT), STDOUT, limit=40)
-    return lines
+            findings.append(Finding(f"output file {path}", ha or "missing", hb or "missing"))
+    return findings + text_diff(old.output(STDOUT), new.output(STDOUT), STDOUT, limit=40)
 
 
-def rerun_capsule(record: Record, *, here: bool = False) -> tuple[int, Record | None, list[str]]:
-    """Run a command capsule again as a new monitored run; (exit code, new capsule, differences)."""
-    args = _rerun_args(record)
-    old_root = Path(str(record.context.get("root_directory") or os.getcwd()))
-    rel_cwd = os.path.relpath(str(record.pre.get("cwd") or old_root), old_root)
+def rerun_capsule(
+    record: Record, *, project: Config, here: bool = False, say: Callable[[str], None] = print
+) -> tuple[int, Record | None, list[Finding]]:
+    """Run a command capsule again as a new monitored run; (exit code, new capsule,
+    differences). Every path the capsule names is checked before it is used, and
+    ``say`` is told what runs where before it does."""
+    args = rerun_args(record)
+    old_root = Path(record.context.get("root_directory", str(project.root)))
+    rel_cwd = os.path.relpath(record.pre.get("cwd", str(old_root)), old_root)
     items = {
-        n: tuple(FileSpec(path=p, **spec) for p, spec in files.items())
-        for n, files in (record.pre.get("items") or {}).items()
+        name: file_specs(files, where=f"pre.items.{name}", source=record.name, root=project.root)
+        for name, files in cast("dict[str, dict[str, Any]]", record.pre.get("items", {})).items()
+        if isinstance(files, dict)
     }
     with contextlib.ExitStack() as stack:
-        root = old_root if here else stack.enter_context(rebuilt_worktree(record))
-        if not here:
+        if here:
+            root = project.root
+        else:
+            name, repo = _code_repo(record)
+            source = old_root / repo.get("path", ".")
+            source = source if source.is_dir() else project.root
+            scratch = cache_directory(project.root, os.environ) or project.root / CACHE_DIR
+            root = stack.enter_context(rebuilt_worktree(record, source=source, scratch=scratch))
             _restore_inputs(record, root)
-        config = load_config(root)
-        config = config._replace(vault_directory=str(record.path.parent), items={**config.items, **items})
-        cwd = root / rel_cwd if not rel_cwd.startswith("..") else Path(str(record.pre.get("cwd")))
-        if not here and _is_inside(cwd, root):  # a folder git does not keep (empty, or ignored files only)
-            cwd.mkdir(parents=True, exist_ok=True)
+        for specs in items.values():
+            for spec in specs:
+                confined(root, spec.path, what=f"{record.name}: pre.items")
+        if rel_cwd.startswith("..") and not here:
+            raise CapsulaError(
+                f"{record.name} ran in {record.pre.get('cwd')}, outside its root {old_root}; "
+                "rerun it with --here to run it in the current directory"
+            )
+        cwd = Path.cwd() if rel_cwd.startswith("..") else confined(root, rel_cwd, what=f"{record.name}: pre.cwd")
+        if not here and not cwd.is_dir():  # a folder git does not keep (empty, or ignored files only)
+            cwd.mkdir(parents=True)
         if not cwd.is_dir():
             raise CapsulaError(f"the recorded working directory {cwd} does not exist; create it, then rerun")
-        environ, name = _recorded_environ(record), record.path.name
+        config = load_config(root)._replace(vault_directory=str(record.path.parent), items=items)
+        for command in config.pre_capture_commands:
+            say(f"capsula: pre-capture command (from the rebuilt tree's config): {command}")
+        say(f"capsula: rerunning {record.name}: {' '.join(args)}  (in {cwd})")
+        environ, name = recorded_environ(record), record.name
         code, capsule = monitor_command(args, config=config, items=list(items), rerun_of=name, cwd=cwd, environ=environ)
     if capsule is None:
-        return code, None, ["the rerun was interrupted before the command ran"]
-    new = Record.read(capsule.path)
+        return code, None, [Finding("rerun", detail=("the rerun was interrupted before the command ran",))]
+    new = read_capsule(capsule.path)
     return code, new, compare_runs(record, new)
 
 
@@ -2339,40 +2740,52 @@ def find_file(path: Path, vault: Path) -> list[tuple[str, str, str]]:
 
     found = []
     for row in list_capsules(vault):
-        record = Record.read(vault / str(row["name"]))
-        for role, files in (("input", record.context.get("files")), ("output", record.post.get("files"))):
-            for recorded, e in (files or {}).items():
-                if isinstance(e, dict) and e.get("file_hash") and e.get("hash_algorithm"):
-                    if e["file_hash"] == digest(str(e["hash_algorithm"])):
-                        found.append((str(row["name"]), role, recorded))
+        with contextlib.suppress(VaultError):
+            record = read_capsule(vault / str(row["name"]))
+            for role, files in (("input", record.context.get("files", {})), ("output", record.post.get("files", {}))):
+                for recorded, e in files.items():
+                    if e and e.get("file_hash") and e.get("hash_algorithm"):
+                        if e.get("file_hash") == digest(str(e.get("hash_algorithm"))):
+                            found.append((record.name, role, recorded))
     return found
 
 
-# =============================================================================
-# CLI
-# =============================================================================
+# === CLI ======================================================================
+
+if TYPE_CHECKING:
+    import argparse
 
 
-def _cmd_capture(args: Any) -> int:
+def _cmd_capture(args: argparse.Namespace) -> int:
     config = load_config(args.directory)
     router = SignalRouter()
     with router.installed():
         try:
-            capsule = capture(config)
+            with router.interruptible():
+                capsule = capture(config)
         except Interrupted as exc:
-            return 128 + exc.signum
+            return settle(Outcome(interrupted_by=exc.signum))[1]
     print(capsule.path)
     return 0
 
 
-def _cmd_monitor(args: Any) -> int:
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
+class MonitorArgs(NamedTuple):
+    """`capsula monitor`'s arguments, from _monitor_args() or from argparse."""
+
+    command: list[str]
+    directory: str | None = None
+    items: Sequence[str] = ()
+    quiet: bool = False
+
+
+def _cmd_monitor(args: argparse.Namespace | MonitorArgs) -> int:
+    if not isinstance(args, MonitorArgs):
+        args = MonitorArgs(list(args.command), args.directory, list(args.item), args.quiet)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise ConfigError("no command to monitor; usage: capsula monitor [-i ITEM]... [--] COMMAND [ARGS...]")
     config = load_config(args.directory)
-    code, capsule = monitor_command(command, config=config, items=args.item)
+    code, capsule = monitor_command(command, config=config, items=args.items)
     if capsule is not None:
         error = capsule.manifest.get("error")
         if error:
@@ -2383,53 +2796,53 @@ def _cmd_monitor(args: Any) -> int:
     return code
 
 
-def _vault_of(args: Any) -> Path:
-    if getattr(args, "vault", None):
-        return Path(args.vault).absolute()
-    return load_config(args.directory).vault
+def _project_and_vault(args: argparse.Namespace) -> tuple[Config, Path]:
+    config = load_config(args.directory)
+    return config, Path(args.vault).absolute() if getattr(args, "vault", None) else config.vault
 
 
-def _record(args: Any, spec: str) -> Record:
-    return Record.read(resolve_capsule(spec, _vault_of(args)))
+def _record(args: argparse.Namespace, spec: str) -> Record:
+    """A capsule named on the command line, read; what in it had to be ignored is said."""
+    record = read_capsule(resolve_capsule(spec, _project_and_vault(args)[1]))
+    for problem in record.problems[:5]:
+        warn(f"capsule {record.name}: {problem}")
+    if len(record.problems) > 5:
+        warn(f"capsule {record.name}: {len(record.problems) - 5} more values ignored")
+    return record
 
 
-def _cmd_list(args: Any) -> int:
-    rows = list_capsules(_vault_of(args))
+def _cmd_list(args: argparse.Namespace) -> int:
+    rows = list_capsules(_project_and_vault(args)[1])
     print(json.dumps(rows, indent=2, ensure_ascii=False) if args.json else format_table(rows))
     return 0
 
 
-def _cmd_show(args: Any) -> int:
+def _cmd_show(args: argparse.Namespace) -> int:
     r = _record(args, args.capsule)
     if args.json:
         data = {"path": str(r.path), "capsule": r.manifest, "context": r.context, "pre_run": r.pre, "post_run": r.post}
         print(json.dumps(data, indent=2, ensure_ascii=False))
         return 0
     row = summarize(r.path, host=hostname(), boot_id=read_boot_id())
-    plat, py = r.context.get("platform") or {}, (r.context.get("platform") or {}).get("python") or {}
+    plat = r.context.get("platform", {})
+    py = plat.get("python") if isinstance(plat.get("python"), dict) else {}
     out = [
         f"capsule   {r.path}",
         f"kind      {row['kind']}   status {row['status']}   exit {row['exit_code']}",
         f"started   {row['started']}   run time {r.post.get('run_time', '-')}",
         f"root      {r.context.get('root_directory')}   cwd {r.pre.get('cwd') or r.context.get('cwd')}",
         f"platform  {plat.get('platform')} on {plat.get('node')}",
-        f"python    {py.get('implementation')} {py.get('version')} ({py.get('executable', '?')})",
+        f"python    {py.get('implementation')} {py.get('version')} ({py.get('executable', '?')})",  # type: ignore[union-attr]
     ]
     if row["command"]:
         out.append(f"run       {row['command']}" + (f"   rerun of {row['rerun_of']}" if row["rerun_of"] else ""))
-    for name, g in (r.context.get("git") or {}).items():
-        if isinstance(g, dict):
-            dirty = f" (dirty, {len(g.get('untracked') or [])} untracked)" if g.get("dirty") else ""
-            out.append(f"git       {name}: {g.get('sha')} on {g.get('branch')}{dirty}")
-    sections = {
-        "env": r.context.get("environment_variables"),
-        "input": r.context.get("files"),
-        "output": r.post.get("files"),
-    }
-    for title, mapping in sections.items():
-        for key, value in (mapping or {}).items():
-            out.append(f"{title:<9} {key} = {value.get('file_hash') if isinstance(value, dict) else value}")
-    if isinstance(error := r.post.get("exception_info"), dict):
+    for name, g in r.context.get("git", {}).items():
+        dirty = f" (dirty, {len(g.get('untracked', []))} untracked)" if g.get("dirty") else ""
+        out.append(f"git       {name}: {g.get('sha')} on {g.get('branch')}{dirty}")
+    out += [f"env       {key} = {value}" for key, value in r.context.get("environment_variables", {}).items()]
+    for title, files in (("input", r.context.get("files", {})), ("output", r.post.get("files", {}))):
+        out += [f"{title:<9} {path} = {(e or {}).get('file_hash')}" for path, e in files.items()]
+    if error := r.post.get("exception_info"):
         out.append(f"exception {error.get('error_type')}: {error.get('error_message')}")
     for name in (STDOUT, STDERR):
         tail = r.output(name).decode(errors="replace").splitlines()[-5:] if r.kind == "command" else []
@@ -2438,45 +2851,55 @@ def _cmd_show(args: Any) -> int:
     return 0
 
 
-def _cmd_diff(args: Any) -> int:
-    lines = diff_capsules(_record(args, args.a), _record(args, args.b), ignore=args.ignore)
-    print("\n".join(lines) if lines else "no differences")
-    return 1 if lines else 0
+def _cmd_diff(args: argparse.Namespace) -> int:
+    findings = diff_capsules(_record(args, args.a), _record(args, args.b), ignore=args.ignore)
+    print("\n".join(format_findings(findings)) if findings else "no differences")
+    return 1 if findings else 0
 
 
-def _cmd_verify(args: Any) -> int:
+def _verify(args: argparse.Namespace, record: Record) -> list[Finding]:
+    """verify_capsule() on the recorded root where it still is, else the current project's."""
+    project = _project_and_vault(args)[0]
+    root = Path(record.context.get("root_directory", ""))
+    if not record.context.get("root_directory") or not root.is_dir():
+        warn(f"{record.name} was made in {root}, which is not here; comparing with {project.root}")
+        root = project.root
+    moved = [p for p, e in record.context.get("files", {}).items() if e and e.get("moved")]
+    for path in moved:
+        print(f"capsula: note: {path}: moved into the capsule when captured; not compared", file=sys.stderr)
+    scratch = cache_directory(project.root, os.environ) or project.root / CACHE_DIR
+    return verify_capsule(record, root=root, scratch=scratch)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
     record = _record(args, args.capsule)
-    lines, notes = verify_capsule(record)
-    for note in notes:
-        print(f"capsula: note: {note}", file=sys.stderr)
-    print("\n".join(lines) if lines else f"the environment matches {record.path.name}")
+    findings = _verify(args, record)
+    lines = format_findings(findings, old=" (capsule)", new=" (now)")
+    print("\n".join(lines) if lines else f"the environment matches {record.name}")
     return 1 if lines else 0
 
 
-def _cmd_rerun(args: Any) -> int:
+def _cmd_rerun(args: argparse.Namespace) -> int:
     record = _record(args, args.capsule)
     if args.here:
-        lines, _ = verify_capsule(record)
-        print(
-            "\n".join(["the current environment differs from the capsule:", *lines])
-            if lines
-            else f"the environment matches {record.path.name}",
-            file=sys.stderr,
-        )
-    code, new, diffs = rerun_capsule(record, here=args.here)
-    name = new.path.name if new else "-"
-    if not diffs:
-        print(f"reproduced identically: {name} matches {record.path.name} (exit code, output files, stdout)")
+        lines = format_findings(_verify(args, record), old=" (capsule)", new=" (now)")
+        said = ["the current environment differs from the capsule:", *lines] if lines else []
+        print("\n".join(said or [f"the environment matches {record.name}"]), file=sys.stderr)
+    say = functools.partial(print, file=sys.stderr)
+    code, new, findings = rerun_capsule(record, project=_project_and_vault(args)[0], here=args.here, say=say)
+    name = new.name if new else "-"
+    if not findings:
+        print(f"reproduced identically: {name} matches {record.name} (exit code, output files, stdout)")
         return 0
-    print("\n".join([f"not reproduced: {name} differs from {record.path.name}", *diffs]))
+    print("\n".join([f"not reproduced: {name} differs from {record.name}", *format_findings(findings)]))
     return code if code > 128 else 1
 
 
-def _cmd_find(args: Any) -> int:
+def _cmd_find(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise ConfigError(f"no such file: {path}; give the file whose origin you look for")
-    hits = find_file(path, _vault_of(args))
+    hits = find_file(path, _project_and_vault(args)[1])
     for name, role, recorded in hits:
         print(f"{name}  {role}  {recorded}")
     if not hits:
@@ -2484,49 +2907,59 @@ def _cmd_find(args: Any) -> int:
     return 0 if hits else 1
 
 
-def _args_monitor(p: Any) -> None:
+def _args_monitor(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--item", action="append", default=[], metavar="NAME", help="a [monitor.item.NAME] to record")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the capsule's path on stderr")
     p.add_argument("command", nargs="...", metavar="COMMAND", help="the command and its arguments")
 
 
-def _args_show(p: Any) -> None:
+def _args_show(p: argparse.ArgumentParser) -> None:
     p.add_argument("capsule", help="a path, a name, a unique prefix, latest or latest~N")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _args_diff(p: Any) -> None:
+def _args_diff(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", help="the first capsule")
     p.add_argument("b", help="the second capsule")
     always = ", ".join(DEFAULT_IGNORES)
-    p.add_argument(
-        "--ignore",
-        action="append",
-        default=[],
-        metavar="FIELD",
-        help=f"a dotted field (or glob) to leave out; always left out: {always}",
-    )
+    help_text = f"a dotted field (or glob) to leave out; always left out: {always}"
+    p.add_argument("--ignore", action="append", default=[], metavar="FIELD", help=help_text)
 
 
-def _args_rerun(p: Any) -> None:
+def _args_rerun(p: argparse.ArgumentParser) -> None:
     p.add_argument("capsule")
     p.add_argument("--here", action="store_true", help="rerun in the current working tree (after a verify)")
 
 
-# name: (help, handler, reads the vault, arguments)
-_COMMANDS: dict[str, tuple[str, Callable[[Any], int], bool, Callable[[Any], object] | None]] = {
-    "capture": ("capture the context into a new capsule", _cmd_capture, False, None),
-    "monitor": ("run a command and record it in a new capsule", _cmd_monitor, False, _args_monitor),
-    "list": ("list the capsules in the vault, newest first", _cmd_list, True, lambda p: p.add_argument("--json", action="store_true")),
-    "show": ("summarize one capsule", _cmd_show, True, _args_show),
-    "diff": ("compare two capsules (exit 1 when they differ)", _cmd_diff, True, _args_diff),
-    "verify": ("compare the current environment with a capsule", _cmd_verify, True, lambda p: p.add_argument("capsule")),
-    "rerun": ("run a command capsule again and compare the result", _cmd_rerun, True, _args_rerun),
-    "find": ("which capsules recorded a file with this content", _cmd_find, True, lambda p: p.add_argument("file")),
-}  # fmt: skip
+class Command(NamedTuple):
+    help: str
+    handler: Callable[[argparse.Namespace], int]
+    reads_vault: bool
+    arguments: Callable[[argparse.ArgumentParser], object] | None = None
 
 
-def _build_parser(only: str | None = None) -> Any:
+_COMMANDS = {
+    "capture": Command("capture the context into a new capsule", _cmd_capture, False),
+    "monitor": Command("run a command and record it in a new capsule", _cmd_monitor, False, _args_monitor),
+    "list": Command(
+        "list the capsules in the vault, newest first",
+        _cmd_list,
+        True,
+        lambda p: p.add_argument("--json", action="store_true"),
+    ),
+    "show": Command("summarize one capsule", _cmd_show, True, _args_show),
+    "diff": Command("compare two capsules (exit 1 when they differ)", _cmd_diff, True, _args_diff),
+    "verify": Command(
+        "compare the current environment with a capsule", _cmd_verify, True, lambda p: p.add_argument("capsule")
+    ),
+    "rerun": Command("run a command capsule again and compare the result", _cmd_rerun, True, _args_rerun),
+    "find": Command(
+        "which capsules recorded a file with this content", _cmd_find, True, lambda p: p.add_argument("file")
+    ),
+}
+
+
+def _build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; with ``only``, just that subcommand's (argparse is slow to build,
     and `capsula monitor` should cost little more than the command it runs)."""
     import argparse
@@ -2534,9 +2967,7 @@ def _build_parser(only: str | None = None) -> Any:
     def formatter(prog: str) -> argparse.HelpFormatter:
         # HelpFormatter would import shutil (and bz2, lzma ...) just for the terminal width.
         try:
-            columns = (
-                int(os.environ.get("COLUMNS", "")) if os.environ.get("COLUMNS") else os.get_terminal_size().columns
-            )
+            columns = int(os.environ.get("COLUMNS") or os.get_terminal_size().columns)
         except (OSError, ValueError):
             columns = 80
         return argparse.HelpFormatter(prog, width=columns - 2)
@@ -2545,47 +2976,44 @@ def _build_parser(only: str | None = None) -> Any:
     parser = argparse.ArgumentParser(prog="capsula", description=description, formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"capsula {__version__}")
     sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND") if only is None else None
-    for name, (text, handler, reads_vault, add_arguments) in _COMMANDS.items():
+    for name, command in _COMMANDS.items():
         if only is not None and name != only:
             continue
         if sub is not None:
-            p = sub.add_parser(name, help=text, description=text, formatter_class=formatter)
+            p = sub.add_parser(name, help=command.help, description=command.help, formatter_class=formatter)
         else:  # alone: the same parser as `capsula NAME ...` would reach, without building the rest
-            p = argparse.ArgumentParser(prog=f"capsula {name}", description=text, formatter_class=formatter)
+            p = argparse.ArgumentParser(prog=f"capsula {name}", description=command.help, formatter_class=formatter)
         p.add_argument("-C", "--directory", metavar="DIR", help="the folder holding capsula.toml (default: upward)")
-        if reads_vault:
+        if command.reads_vault:
             p.add_argument("--vault", metavar="DIR", help="the vault to read (default: the config's)")
-        if add_arguments:
-            add_arguments(p)
-        p.set_defaults(handler=handler)
+        if command.arguments:
+            command.arguments(p)
+        p.set_defaults(handler=command.handler)
         if sub is None:
             return p
     return parser
 
 
-def _monitor_args(argv: list[str]) -> Any:
+def _monitor_args(argv: list[str]) -> MonitorArgs | None:
     """`capsula monitor`'s usual arguments, parsed without argparse: it is slow to import
     and build, and this is the command whose overhead matters. Anything unusual (help,
     ``-iNAME``, a typo) returns None, for argparse to parse and explain."""
-    import types
-
-    args = types.SimpleNamespace(directory=None, item=[], quiet=False, command=[], handler=_cmd_monitor)
+    directory, items, quiet = None, [], False
     rest = iter(enumerate(argv))
     for i, arg in rest:
         name, eq, value = arg.partition("=")
         if name in ("-C", "--directory", "-i", "--item") and (eq or i + 1 < len(argv)):
             value = value if eq else next(rest)[1]
             if name in ("-C", "--directory"):
-                args.directory = value
+                directory = value
             else:
-                args.item.append(value)
+                items.append(value)
         elif arg in ("-q", "--quiet"):
-            args.quiet = True
+            quiet = True
         elif arg.startswith("-") and arg != "--":
             return None
         else:
-            args.command = argv[i:]
-            return args
+            return MonitorArgs(argv[i:], directory, items, quiet)
     return None
 
 
@@ -2593,10 +3021,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in _COMMANDS else None
-    args = _monitor_args(argv[1:]) if command == "monitor" else None
-    if args is None:
-        args = _build_parser(command).parse_args(argv[1:] if command else argv)
     try:
+        fast = _monitor_args(argv[1:]) if command == "monitor" else None
+        if fast is not None:
+            return _cmd_monitor(fast)
+        args = _build_parser(command).parse_args(argv[1:] if command else argv)
         return int(args.handler(args))
     except CapsulaError as exc:
         print(f"capsula: error: {exc}", file=sys.stderr)

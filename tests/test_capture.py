@@ -321,7 +321,7 @@ def test_cpu_and_platform_facts_are_cached_per_boot_and_the_clock_is_fresh(repo:
         pytest.skip("no boot id on this system")
     write_config(repo, "[capture]\ninclude-cpu = true\n")
     first = load(capture(repo) / "context.json")
-    (cache_file,) = (repo / "vault" / ".cache").iterdir()
+    (cache_file,) = (repo / ".capsula_cache").glob("host-*.json")  # outside the vault
     cached = load(cache_file)
     assert cached["platform"] == first["platform"]
     cached["platform"]["release"] = "from-the-cache"
@@ -387,11 +387,12 @@ def test_a_clean_tree_costs_three_git_calls_started_together(repo: Path, monkeyp
     events: list[tuple[str, str]] = []
 
     def runner(args: list[str], **options: Any) -> Any:
-        events.append(("start", args[3]))  # git -C <path> <subcommand>
+        assert options["cwd"] == repo  # git starts in its repository, as `cd repo && git ...`
+        events.append(("start", args[1]))  # git <subcommand>
         finish = capsula.start_process(args, **options)
 
         def wait() -> Any:
-            events.append(("wait", args[3]))
+            events.append(("wait", args[1]))
             return finish()
 
         return wait

@@ -76,7 +76,7 @@ def test_monitor_fast_path_parses_like_argparse(argv: list[str]) -> None:
     fast = capsula._monitor_args(argv)
     slow = capsula._build_parser("monitor").parse_args(argv)
     assert fast is not None
-    assert (fast.directory, fast.item, fast.quiet, fast.command) == (
+    assert (fast.directory, fast.items, fast.quiet, fast.command) == (
         slow.directory,
         slow.item,
         slow.quiet,

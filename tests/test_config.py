@@ -142,51 +142,39 @@ def test_the_sample_projects_config_in_a_copy(tmp_path: Path) -> None:
     assert set(capsula.load_config(tmp_path).items) == {"calc-pi", "calc-pi-dec"}
 
 
-def _loads_without_tomllib(root: Path) -> tuple[bool, dict[str, object]]:
-    code = (
-        "import json, sys, capsula\n"
-        "config = capsula.load_config()\n"
-        "print(json.dumps(['tomllib' in sys.modules, config.as_dict()]))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(REPO)},
-                         capture_output=True, check=True).stdout  # fmt: skip
-    parsed, settings = json.loads(out)
-    return parsed, settings
-
-
-@pytest.mark.parametrize(
-    ("vault", "file"), [(None, "capsula.toml"), ("runs", "capsula.toml"), ("runs", "pyproject.toml")]
-)
-def test_parsed_config_is_kept_in_the_vault_for_the_same_text_only(repo: Path, vault: str | None, file: str) -> None:
+@pytest.mark.parametrize("file", ["capsula.toml", "pyproject.toml"])
+def test_the_config_is_what_its_file_says_every_time(repo: Path, file: str) -> None:
     prefix = "[tool.capsula.capture]" if file == "pyproject.toml" else "[capture]"
-    setting = f'vault-directory = "{vault}"\n' if vault else ""
     path = repo / file
-    path.write_text(f'{prefix}\n{setting}environment-variables = ["HOME"]\n')
-    assert _loads_without_tomllib(repo)[0] is True  # no vault yet: nothing kept
-    assert not (repo / (vault or "vault")).exists()
+    path.write_text(f'{prefix}\nvault-directory = "runs"\nenvironment-variables = ["HOME"]\n')
     assert run_capsula("capture", cwd=repo).returncode == 0
-    assert _loads_without_tomllib(repo)[0] is True  # parsed, and now kept
-    assert list((repo / (vault or "vault") / ".cache").glob("config-*.json"))
-    parsed, settings = _loads_without_tomllib(repo)
-    assert parsed is False and settings["environment_variables"] == ["HOME"]
-    # Same size, same mtime, other text: parsed again, never the stale tables.
+    # Same size, same mtime, other text: what the file says now, never what it said before.
     stat = path.stat()
     path.write_text(path.read_text().replace('"HOME"', '"USER"'))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    parsed, settings = _loads_without_tomllib(repo)
-    assert parsed is True and settings["environment_variables"] == ["USER"]
+    assert capsula.load_config(repo).environment_variables == ("USER",)
+    # Nothing kept beside the capsules can change what runs: the vault holds capsules only.
+    runs = repo / "runs"
+    assert all((p / "context.json").is_file() for p in runs.iterdir()), list(runs.iterdir())
 
 
-def test_config_naming_its_vault_unusually_is_parsed_every_time(repo: Path) -> None:
-    write_config(repo, '[capture]\n"vault-directory" = "runs"\n')  # quoted key: the search misses it
-    assert run_capsula("capture", cwd=repo).returncode == 0
-    assert _loads_without_tomllib(repo)[0] is True
-    assert _loads_without_tomllib(repo)[0] is True
-    assert not (repo / "vault").exists() and not list((repo / "runs" / ".cache").glob("config-*"))
+def test_the_vault_holds_capsule_directories_only(repo: Path) -> None:
+    write_config(repo, "[capture]\ninclude-cpu = true\n")
+    for _ in range(2):
+        assert run_capsula("capture", cwd=repo).returncode == 0
+        assert run_capsula("monitor", "true", cwd=repo).returncode == 0
+    entries = list((repo / "vault").iterdir())
+    assert len(entries) == 4 and all((p / "context.json").is_file() for p in entries)
+    # 0.0.19's users find their capsule this way
+    assert (next((repo / "vault").iterdir()) / "context.json").is_file()
+    # Facts kept between runs live in a cache that ignores itself, outside the vault.
+    cache = repo / ".capsula_cache"
+    assert (cache / ".gitignore").read_text().splitlines()[-1] == "*"
+    untracked = git(repo, "status", "--porcelain", "--untracked-files=all").splitlines()
+    assert not [line for line in untracked if "capsula_cache" in line]
 
 
-def test_invalid_config_is_not_kept(repo: Path) -> None:
-    assert run_capsula("capture", cwd=repo).returncode == 0  # the vault exists
+def test_an_invalid_config_creates_nothing(repo: Path) -> None:
     write_config(repo, "[capture]\ninclude-cpu = 3\n")
     assert run_capsula("capture", cwd=repo).returncode == 2
-    assert not list((repo / "vault" / ".cache").glob("config-*"))
+    assert not (repo / "vault").exists() and not (repo / ".capsula_cache").exists()

@@ -250,4 +250,6 @@ def test_a_failure_after_the_command_was_reaped_is_reported_as_itself(
 
     monkeypatch.setattr(capsula, "_pump", pump_then_fail)
     with pytest.raises(RuntimeError, match="after the run"):  # not a ChildProcessError from the cleanup
-        capsula.run_command(["true"], env=dict(os.environ), capsule=tmp_path, router=capsula.SignalRouter())
+        capsula.run_command(
+            ["true"], cwd=Path.cwd(), env=dict(os.environ), capsule=tmp_path, router=capsula.SignalRouter()
+        )

@@ -205,7 +205,11 @@ def test_capsules_of_0_0_19_are_read_as_far_as_they_go(tmp_path: Path) -> None:
     assert rows["broken"]["status"] == "unreadable"
     for name in rows:
         shown = run_capsula("show", name, "--vault", str(vault), cwd=tmp_path)
-        assert shown.returncode == 0 and b"Traceback" not in shown.stderr
+        if name == "broken":  # refused in one line that names it; the others still show
+            err = shown.stderr.decode()
+            assert shown.returncode == 1 and err.count("\n") == 1 and "broken is not a readable capsule" in err
+        else:
+            assert shown.returncode == 0 and b"Traceback" not in shown.stderr
     out = ok_or_diff(run_capsula("diff", "monitor-cli", "monitor-decorator", "--vault", str(vault), cwd=tmp_path))
     assert "pre.function_name" in out
     assert load(vault / "monitor-cli" / "post-run-info.json")["stdout"] in out or "stdout" in out
