@@ -771,7 +771,7 @@ def conform(value: object, shape: object, *, where: str, problems: list[str]) ->
     alternatives = shape if isinstance(shape, tuple) else (shape,)
     fitting = [alt for alt in alternatives if _fits(value, alt)]
     if not fitting:
-        wanted = " or ".join(_KIND_NAMES[type(alt) if isinstance(alt, (dict, list)) else alt] for alt in alternatives)
+        wanted = " or ".join(_KIND_NAMES[alt if isinstance(alt, type) else type(alt)] for alt in alternatives)
         problems.append(f"{where} is {_KIND_NAMES.get(type(value), type(value).__name__)}, not {wanted}; ignored")
         return False, None
     alt = fitting[0]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CAPSULA = REPO / "capsula.py"
+# Real output of Capsula 0.0.19 (its capsula.toml and three capsules), kept with the tests so
+# that a clone of the repository alone runs every comparison with it.
+REFERENCE_VAULT = Path(__file__).resolve().parent / "fixtures" / "capsula-0.0.19-vault"
 sys.path.insert(0, str(REPO))
 
 
@@ -33,6 +39,41 @@ def _git_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def _descendants(pid: int) -> list[int]:
+    """The live (not zombie) processes below pid, read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            except OSError:
+                continue
+            if state != "Z":
+                parents[int(entry)] = int(ppid)
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test() -> Iterator[None]:
+    """Every process a test starts has ended when it ends (checked where /proc exists)."""
+    yield
+    if not os.path.isdir("/proc/self"):
+        return
+    deadline = time.monotonic() + 5
+    while (left := _descendants(os.getpid())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"the test left processes running: {left}"
 
 
 @pytest.fixture

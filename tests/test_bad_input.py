@@ -50,6 +50,7 @@ def config_dicts() -> st.SearchStrategy[dict[str, Any]]:
     )
 
 
+@pytest.mark.stress
 @settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=config_dicts())
 def test_generated_configs_load_or_are_refused_in_one_line(tmp_path: Path, raw: dict[str, Any]) -> None:
@@ -73,6 +74,7 @@ toml_lines = st.lists(
 )  # fmt: skip
 
 
+@pytest.mark.stress
 @settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=toml_lines)
 def test_generated_toml_documents_load_or_are_refused_in_one_line(tmp_path: Path, lines: list[str]) -> None:

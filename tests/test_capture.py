@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, git, load, only_capsule, run_capsula, write_config
+from conftest import REFERENCE_VAULT, REPO, git, load, only_capsule, run_capsula, write_config
 
 import capsula
-
-REFERENCE_VAULT = REPO.parent / "shared" / "reference" / "capsula-0.0.19-vault"
 
 
 def capture(root: Path) -> Path:
@@ -58,13 +56,12 @@ project = '.'
     (repo / "README.md").write_text("changed\n")
     capsule = capture(repo)
     context = load(capsule / "context.json")
-    if REFERENCE_VAULT.exists():
-        reference = load(REFERENCE_VAULT / "capture" / "context.json")
-        reference["git"] = {"project": reference["git"]["sample"]}
-        reference["files"] = {"data.txt": reference["files"]["pyproject.toml"]}
-        cpu_ref = reference.pop("cpu")
-        assert_superset(shape(context), shape(reference))
-        assert set(cpu_ref) - set(context["cpu"]) <= {"l2_cache_line_size", "l2_cache_associativity"}
+    reference = load(REFERENCE_VAULT / "capture" / "context.json")
+    reference["git"] = {"project": reference["git"]["sample"]}
+    reference["files"] = {"data.txt": reference["files"]["pyproject.toml"]}
+    cpu_ref = reference.pop("cpu")
+    assert_superset(shape(context), shape(reference))
+    assert set(cpu_ref) - set(context["cpu"]) <= {"l2_cache_line_size", "l2_cache_associativity"}
     assert context["root_directory"] == str(repo) and context["cwd"] == str(repo)
     assert context["files"]["data.txt"]["file_hash"] == hashlib.sha256(b"input data\n").hexdigest()
     assert (capsule / "data.txt").read_text() == "input data\n"

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, git, only_capsule, run_capsula, write_config
+from conftest import REFERENCE_VAULT, REPO, git, load, only_capsule, run_capsula, write_config
 
 import capsula
 
-REFERENCE = REPO.parent / "shared" / "reference"
-
 
 def test_reference_config_loads_unchanged(repo: Path) -> None:
-    text = (REFERENCE / "capsula-0.0.19-vault" / "capsula.toml").read_text() if REFERENCE.exists() else None
-    if text is None:
-        pytest.skip("the 0.0.19 reference is not beside the repository")
+    text = (REFERENCE_VAULT / "capsula.toml").read_text()
     write_config(repo, text.replace("sample = '.'", "project = '.'"))
     config = capsula.load_config(repo)
     assert config.include_cpu is True
@@ -84,7 +77,7 @@ def test_no_config_defaults_to_git_top_and_its_repository(repo: Path) -> None:
     assert result.returncode == 0, result.stderr
     capsule = Path(result.stdout.decode().strip())
     assert capsule.parent == repo / "vault"
-    context = capsula.read_json(capsule / "context.json")
+    context = load(capsule / "context.json")
     assert list(context["git"]) == ["project"] and context["git"]["project"]["branch"] == "main"
 
 
@@ -92,7 +85,7 @@ def test_no_config_outside_git_uses_cwd(tmp_path: Path) -> None:
     result = run_capsula("capture", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     capsule = only_capsule(tmp_path / "vault")
-    assert capsula.read_json(capsule / "context.json")["git"] == {}
+    assert load(capsule / "context.json")["git"] == {}
 
 
 @pytest.mark.parametrize(

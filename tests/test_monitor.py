@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CAPSULA, REPO, load, only_capsule, run_capsula, write_config
+from conftest import CAPSULA, REFERENCE_VAULT, REPO, load, only_capsule, run_capsula, write_config
 
 import capsula
-
-REFERENCE_VAULT = REPO.parent / "shared" / "reference" / "capsula-0.0.19-vault"
 
 
 def monitor(root: Path, *args: str, **kw: object) -> subprocess.CompletedProcess[bytes]:
@@ -31,10 +29,9 @@ def test_pre_and_post_run_info_have_0_0_19_keys(repo: Path) -> None:
     assert result.returncode == 0
     capsule = only_capsule(repo / "vault")
     pre, post = load(capsule / "pre-run-info.json"), load(capsule / "post-run-info.json")
-    if REFERENCE_VAULT.exists():
-        for ours, name in ((pre, "pre-run-info.json"), (post, "post-run-info.json")):
-            reference = load(REFERENCE_VAULT / "monitor-cli" / name)
-            assert {k: type(v) for k, v in reference.items()}.items() <= {k: type(ours[k]) for k in reference}.items()
+    for ours, name in ((pre, "pre-run-info.json"), (post, "post-run-info.json")):
+        reference = load(REFERENCE_VAULT / "monitor-cli" / name)
+        assert {k: type(v) for k, v in reference.items()}.items() <= {k: type(ours[k]) for k in reference}.items()
     assert pre["args"][1:] == ["-c", "import sys; print('out'); print('err', file=sys.stderr)"]
     assert post["stdout"] == "out\n" and post["stderr"] == "err\n" and post["exit_code"] == 0
     assert post["run_time"].startswith("PT") and post["run_time"].endswith("S") and post["status"] == "completed"

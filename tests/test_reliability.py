@@ -53,6 +53,7 @@ def peak_rss_kib(command: list[str], *, cwd: Path) -> int:
 # --- Load ---------------------------------------------------------------------------------
 
 
+@pytest.mark.stress
 def test_32_monitors_started_together_make_32_complete_capsules(repo: Path) -> None:
     write_config(repo, "[capture]\ncapsule-template = '%Y%m%d_%H%M'\n")
     procs = [
@@ -77,6 +78,7 @@ def test_32_monitors_started_together_make_32_complete_capsules(repo: Path) -> N
         assert post["status"] == "completed" and post["stdout"] == f"{pre['args'][-1][6:-1]}\n"
 
 
+@pytest.mark.stress
 def test_a_decorated_function_called_200_times_makes_200_capsules(repo: Path) -> None:
     @capsula.monitor(repo, include_return_value=True)
     def f(i: int) -> int:
@@ -88,6 +90,7 @@ def test_a_decorated_function_called_200_times_makes_200_capsules(repo: Path) ->
     assert sorted(load(c / "post-run-info.json")["return_value"] for c in found) == sorted(i * i for i in range(200))
 
 
+@pytest.mark.stress
 def test_interleaved_high_rate_output_is_saved_byte_exact(repo: Path) -> None:
     code = (
         "import os, time\n"
@@ -274,6 +277,7 @@ def test_a_long_silent_command_is_waited_for(repo: Path) -> None:
 # --- Huge and empty files -------------------------------------------------------------------
 
 
+@pytest.mark.stress
 def test_huge_file_is_hashed_in_constant_memory(repo: Path) -> None:
     size = 512 << 20
     with open(repo / "huge.bin", "wb") as f:

@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CAPSULA, REPO, git, load, run_capsula, write_config
+from conftest import CAPSULA, REFERENCE_VAULT, git, load, run_capsula, write_config
 
 import capsula
 
-REFERENCE_VAULT = REPO.parent / "shared" / "reference" / "capsula-0.0.19-vault"
 SCRIPT = """\
 import sys
 text = open("input.txt").read()
@@ -192,8 +191,6 @@ def test_find_leads_from_a_result_back_to_its_run(project: Path) -> None:
 
 
 def test_capsules_of_0_0_19_are_read_as_far_as_they_go(tmp_path: Path) -> None:
-    if not REFERENCE_VAULT.exists():
-        pytest.skip("the 0.0.19 reference is not beside the repository")
     vault = tmp_path / "vault"
     for name in ("capture", "monitor-cli", "monitor-decorator"):
         shutil.copytree(REFERENCE_VAULT / name, vault / name)
