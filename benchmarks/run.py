@@ -133,7 +133,7 @@ def bench_cpu(report: Report, project: Path, runs: int) -> None:
     text = (project / "capsula.toml").read_text()
     (project / "capsula.toml").write_text(text.replace("include-cpu = false", "include-cpu = true"))
     try:
-        shutil.rmtree(project / "vault" / ".cache", ignore_errors=True)
+        shutil.rmtree(project / ".capsula_cache", ignore_errors=True)
         first = wall([*CAPSULA, "capture"], cwd=project, runs=1)
         later = wall([*CAPSULA, "capture"], cwd=project, runs=runs)
     finally:
