@@ -55,21 +55,8 @@ if TYPE_CHECKING:
     R = TypeVar("R")
     T = TypeVar("T")
 
-__all__ = [
-    "CapsulaError",
-    "CaptureError",
-    "Config",
-    "ConfigError",
-    "FileSpec",
-    "VaultError",
-    "capture",
-    "cli",
-    "get_capsule_dir",
-    "get_capsule_name",
-    "load_config",
-    "main",
-    "monitor",
-]
+__all__ = ["CapsulaError", "CaptureError", "Config", "ConfigError", "FileSpec", "NotInRunError", "VaultError"]
+__all__ += ["capture", "cli", "get_capsule_dir", "get_capsule_name", "load_config", "main", "monitor"]
 __version__ = "0.2.0"
 
 
@@ -247,6 +234,37 @@ def read_json(path: Path) -> JSON:
         return None if len(data) > JSON_READ_LIMIT else cast("JSON", json.loads(data))
     except (OSError, ValueError, RecursionError):
         return None
+
+
+COPY_CHUNK = 1 << 20
+
+
+def copy_and_hash(src: Path, dest: Path, algorithm: str | None) -> str | None:
+    """Copy src to dest through a temporary file, hashing the bytes as they are written:
+    the hash is that of the stored copy, and dest is whole or absent."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    digest = None
+    if algorithm:  # a plain copy (git's index) need not load OpenSSL
+        import hashlib
+
+        digest = hashlib.new(algorithm)
+    try:
+        with open(src, "rb") as fin, open(tmp, "xb") as fout:
+            buf = bytearray(COPY_CHUNK)
+            view = memoryview(buf)
+            while n := fin.readinto(buf):
+                if digest:
+                    digest.update(view[:n])
+                fout.write(view[:n])
+        st = os.stat(src)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))  # mode: the user's umask, not the source's
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return digest.hexdigest() if digest else None
 
 
 def normalize_hash_name(name: str) -> str:
@@ -1323,14 +1341,12 @@ def _write_git_diff(
     untracked: list[str],
     environ: Mapping[str, str],
 ) -> None:
-    import shutil
-
     tmp_index = diff_path.with_name(f".{diff_path.name}.index")
     env = git_environment(environ, index=tmp_index if untracked else None)
     try:
         if untracked:
             if index.exists():
-                shutil.copyfile(index, tmp_index)
+                copy_and_hash(index, tmp_index, None)
             paths = b"\0".join(os.fsencode(u) for u in untracked) + b"\0"
             run_git(runner, top, *GIT_ADD_INTENT, env=env, stdin=paths)
         write_bytes_atomic(diff_path, run_git(runner, top, *GIT_DIFF, base, env=env))
@@ -1449,6 +1465,14 @@ def cache_directory(root: Path, environ: Mapping[str, str]) -> Path | None:
     return path
 
 
+def scratch_directory(root: Path) -> Path:
+    """The cache directory, where rerun and verify keep their temporary files."""
+    path = cache_directory(root, os.environ)
+    if path is None:
+        raise VaultError(f"cannot make {root / CACHE_DIR}; set CAPSULA_CACHE_DIR to a folder you can write")
+    return path
+
+
 class HostCache:
     """Facts that do not change while the machine is up (platform, CPU), kept in the cache
     directory. The key holds the host name, the boot id, the interpreter and the
@@ -1557,8 +1581,6 @@ def run_pre_capture_command(command: str, *, cwd: Path, env: Mapping[str, str]) 
 
 # === Vault ====================================================================
 
-COPY_CHUNK = 1 << 20
-
 
 def create_capsule_dir(vault: Path, template: str, when: datetime.datetime) -> Path:
     """Make a new capsule directory; a taken name (same second, another process or host)
@@ -1589,34 +1611,6 @@ def stored_name(rel: str, reserved: frozenset[str]) -> str:
     under _files/ when that would collide with one of Capsula's own files."""
     rel = os.path.normpath(rel)
     return f"_files/{rel}" if rel.split(os.sep, 1)[0] in reserved else rel
-
-
-def copy_and_hash(src: Path, dest: Path, algorithm: str | None) -> str | None:
-    """Copy src to dest through a temporary file, hashing the bytes as they are written:
-    the hash is that of the stored copy, and dest is whole or absent."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-    digest = None
-    if algorithm:  # a plain copy (git's index) need not load OpenSSL
-        import hashlib
-
-        digest = hashlib.new(algorithm)
-    try:
-        with open(src, "rb") as fin, open(tmp, "xb") as fout:
-            buf = bytearray(COPY_CHUNK)
-            view = memoryview(buf)
-            while n := fin.readinto(buf):
-                if digest:
-                    digest.update(view[:n])
-                fout.write(view[:n])
-        st = os.stat(src)
-        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))  # mode: the user's umask, not the source's
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    return digest.hexdigest() if digest else None
 
 
 def move_file(src: Path, dest: Path, algorithm: str | None) -> str | None:
@@ -2575,7 +2569,6 @@ def verify_capsule(record: Record, *, root: Path, scratch: Path, runner: Runner 
     import tempfile
 
     config = _config_from_record(record, root)
-    scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="verify-", dir=scratch) as tmp:
         now_ctx = Capsule(path=Path(tmp), config=config)
         collect_context(now_ctx, os.environ, cwd=root, runner=runner, in_place=True)
@@ -2625,7 +2618,6 @@ def rebuilt_worktree(record: Record, *, source: Path, scratch: Path, runner: Run
 
     name, repo = _code_repo(record)
     env = git_environment(os.environ)
-    scratch.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="rerun-", dir=scratch))
     tree = tmp / "tree"
     try:
@@ -2697,7 +2689,7 @@ def rerun_capsule(
             name, repo = _code_repo(record)
             source = old_root / repo.get("path", ".")
             source = source if source.is_dir() else project.root
-            scratch = cache_directory(project.root, os.environ) or project.root / CACHE_DIR
+            scratch = scratch_directory(project.root)
             root = stack.enter_context(rebuilt_worktree(record, source=source, scratch=scratch))
             _restore_inputs(record, root)
         for specs in items.values():
@@ -2867,8 +2859,7 @@ def _verify(args: argparse.Namespace, record: Record) -> list[Finding]:
     moved = [p for p, e in record.context.get("files", {}).items() if e and e.get("moved")]
     for path in moved:
         print(f"capsula: note: {path}: moved into the capsule when captured; not compared", file=sys.stderr)
-    scratch = cache_directory(project.root, os.environ) or project.root / CACHE_DIR
-    return verify_capsule(record, root=root, scratch=scratch)
+    return verify_capsule(record, root=root, scratch=scratch_directory(project.root))
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
