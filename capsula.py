@@ -1032,7 +1032,9 @@ def spawn(
 
         std = {k: fd for k, fd in zip(("stdin", "stdout", "stderr"), fds, strict=True) if fd is not None}
         group = {"process_group": 0} if new_group else {}
-        return subprocess.Popen(list(args), cwd=cwd, env=dict(env), close_fds=False, **std, **group).pid  # type: ignore[call-overload,no-any-return]
+        proc = subprocess.Popen(list(args), cwd=cwd, env=dict(env), close_fds=False, **std, **group)  # type: ignore[call-overload]
+        _POPENS[proc.pid] = proc  # kept, or subprocess reaps it behind our back when it is collected
+        return cast("int", proc.pid)
     name = args[0]
     paths = [name] if os.sep in name else [os.path.join(d, name) for d in os.get_exec_path(env)]
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds) if fd is not None]
@@ -1050,6 +1052,18 @@ def spawn(
         except OSError as exc:  # e.g. not executable: as execvp, try the rest of PATH first
             error = error or exc
     raise error or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+
+
+_POPENS: dict[int, Any] = {}  # children spawn() started through subprocess, until reaped
+
+
+def reap(pid: int, options: int = 0) -> tuple[int, int, Any]:
+    """os.wait4 for a child spawn() started: (pid or 0, wait status, rusage). A child started
+    through subprocess has its Popen told, so that subprocess never waits for it again."""
+    done, status, usage = os.wait4(pid, options)
+    if done and (proc := _POPENS.pop(pid, None)) is not None:
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return done, status, usage
 
 
 def _read_back(fd: int, *, tail: int | None = None) -> bytes:
@@ -1103,7 +1117,7 @@ def start_process(
 
     def finish() -> tuple[int, bytes, bytes]:
         try:
-            _, status = os.waitpid(pid, 0)
+            _, status, _ = reap(pid)
             out, err = (_read_back(fd, tail=tail) for fd in files)
             return os.waitstatus_to_exitcode(status), out, err
         finally:
@@ -2021,7 +2035,7 @@ def _pump(pid: int, tees: Sequence[_Tee]) -> tuple[int, Any]:
             if status is not None and (not open_streams or time.monotonic() - exited_at > DRAIN_MAX):
                 break
             if status is None and not open_streams and pidfd is None:
-                _, status, rusage = os.wait4(pid, 0)
+                _, status, rusage = reap(pid)
                 continue
             timeout = DRAIN_IDLE if status is not None else (None if pidfd is not None else 0.05)
             events = poller.poll(None if timeout is None else timeout * 1000)
@@ -2030,13 +2044,13 @@ def _pump(pid: int, tees: Sequence[_Tee]) -> tuple[int, Any]:
             for fd, _ in events:
                 if fd == pidfd:
                     poller.unregister(fd)
-                    _, status, rusage = os.wait4(pid, 0)
+                    _, status, rusage = reap(pid)
                     exited_at = time.monotonic()
                 elif not open_streams[fd].pump(view):  # the end of that stream
                     poller.unregister(fd)
                     del open_streams[fd]
             if status is None and pidfd is None:
-                done, st, ru = os.wait4(pid, os.WNOHANG)
+                done, st, ru = reap(pid, os.WNOHANG)
                 if done:
                     status, rusage, exited_at = st, ru, time.monotonic()
     finally:
@@ -2100,7 +2114,7 @@ def run_command(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):  # already reaped, before the failure
-                os.waitpid(pid, 0)
+                reap(pid)
         router.child_pgid = None
         os.close(out_r)
         os.close(err_r)

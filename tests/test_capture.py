@@ -399,3 +399,17 @@ def test_a_clean_tree_costs_three_git_calls_started_together(repo: Path, monkeyp
     calls = ["status", "rev-parse", "config"]
     assert events == [("start", c) for c in calls] + [("wait", c) for c in calls]
     assert load(capsule.path / "context.json")["git"]["project"]["dirty"] is False
+
+
+def test_git_started_outside_our_working_directory_is_reaped_by_capsula_alone(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    (repo / "sub").mkdir()
+    monkeypatch.chdir(repo / "sub")  # git starts in the root: through subprocess, not posix_spawn
+    config = capsula.load_config(repo)
+    for _ in range(12):
+        capsule = capsula.capture(config)
+        gc.collect()  # a collected Popen must not reap the next capture's git before Capsula does
+        assert load(capsule.path / "context.json")["git"]["project"]["branch"] == "main"
