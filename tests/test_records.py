@@ -113,8 +113,16 @@ def test_redact_args() -> None:
     patterns = capsula.DEFAULT_SECRET_PATTERNS
     args = ["run", "--token", "T", "--password=P", "--name", "n", "--api-key", "K", "pos"]
     assert capsula.redact_args(args, patterns, ()) == [
-        "run", "--token", "<redacted>", "--password=<redacted>", "--name", "n", "--api-key", "<redacted>", "pos"
-    ]  # fmt: skip
+        "run",
+        "--token",
+        "<redacted>",
+        "--password=<redacted>",
+        "--name",
+        "n",
+        "--api-key",
+        "<redacted>",
+        "pos",
+    ]
     assert capsula.redact_args(["--token", "T"], patterns, ["--token"]) == ["--token", "T"]
 
 
