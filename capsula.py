@@ -319,6 +319,64 @@ def strip_credentials(url: str) -> str:
     return url.split("?", 1)[0].split("#", 1)[0] if "://" in url else url
 
 
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}
+_KIND_NAMES |= {list: "an array", type(None): "null"}
+
+
+def _fits(value: object, shape: object) -> bool:
+    if shape is None or isinstance(shape, (dict, list)):
+        return isinstance(value, type(shape))
+    if isinstance(value, bool) and shape in (int, float):
+        return False
+    return isinstance(value, (int, float) if shape is float else cast("type", shape))
+
+
+def conform(
+    value: object, shape: object, *, where: str, problems: list[str], closed: bool = False, source: str = ""
+) -> tuple[bool, object]:
+    """Check a value read from a file against its shape, in a small grammar: a type (float
+    takes ints too; int and float never take booleans), None for null, a tuple of
+    alternatives, {key: shape} for a table ("*" for every key; other keys pass unchecked,
+    or with closed are refused), [shape] for an array. Returns (True, the value less the
+    parts that do not fit) or (False, None); each misfit is one line in problems."""
+    alternatives = shape if isinstance(shape, tuple) else (shape,)
+    alt = next((a for a in alternatives if _fits(value, a)), ...)
+    if alt is ...:
+        wanted = " or ".join(
+            "a list of strings" if a == [str] else _KIND_NAMES[a if isinstance(a, type) else type(a)]
+            for a in alternatives
+        )
+        got = f"{_KIND_NAMES.get(type(value), type(value).__name__)} ({safe_repr(value)[:60]})"
+        problems.append(f"'{where}'{source} must be {wanted}, got {got}")
+        return False, None
+    if isinstance(alt, list):
+        items = [
+            conform(v, alt[0], where=f"{where}[{i}]", problems=problems, closed=closed, source=source)
+            for i, v in enumerate(cast("list[object]", value))
+        ]
+        return True, [v for ok, v in items if ok]
+    if not isinstance(alt, dict):
+        return True, value
+    table: dict[str, object] = {}
+    for key, item in cast("dict[str, object]", value).items():
+        path, sub = f"{where}.{key}" if where else key, alt.get(key, alt.get("*", ...))
+        if sub is ... and closed:
+            import difflib
+
+            close = difflib.get_close_matches(key, [k for k in alt if k != "*"], n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(alt)}"
+            problems.append(f"unknown key '{path}'{source}; {hint}")
+            continue
+        ok, checked = (
+            (True, item)
+            if sub is ...
+            else conform(item, sub, where=path, problems=problems, closed=closed, source=source)
+        )
+        if ok:
+            table[key] = checked
+    return True, table
+
+
 def is_inside(path: str | os.PathLike[str], base: str | os.PathLike[str], *, real: bool = False) -> bool:
     """Whether path lies strictly inside base: by its text (normalized), or with real, by
     where it really is once every link is resolved."""
@@ -385,50 +443,16 @@ class Config(NamedTuple):
         }
 
 
-_STR_LIST = "list of strings"
-_FILE_SCHEMA: dict[str, Any] = {"hash": str, "copy": bool, "move": bool}
-_SCHEMA: dict[str, Any] = {
+_FILE_OPTIONS = {"hash": str, "copy": bool, "move": bool}
+_CONFIG_SHAPE = {  # in conform()'s grammar; every other key is refused
     "capture": {
-        "vault-directory": str,
-        "capsule-template": str,
-        "include-cpu": bool,
-        "include-packages": bool,
-        "pre-capture-commands": _STR_LIST,
-        "environment-variables": _STR_LIST,
-        "files": {"*": _FILE_SCHEMA},
+        **{"vault-directory": str, "capsule-template": str, "include-cpu": bool, "include-packages": bool},
+        **{"pre-capture-commands": [str], "environment-variables": [str], "files": {"*": _FILE_OPTIONS}},
         "git": {"repositories": {"*": str}},
     },
-    "monitor": {"item": {"*": {"files": {"*": _FILE_SCHEMA}}}},
-    "redact": {"patterns": _STR_LIST, "allow": _STR_LIST, "arguments": bool},
+    "monitor": {"item": {"*": {"files": {"*": _FILE_OPTIONS}}}},
+    "redact": {"patterns": [str], "allow": [str], "arguments": bool},
 }
-_TYPE_NAMES = {str: "a string", bool: "true or false", _STR_LIST: "a list of strings"}
-
-
-def _check_schema(raw: Mapping[str, Any], schema: Mapping[str, Any], *, where: str, source: str) -> None:
-    """Reject unknown keys (with a "did you mean") and values of the wrong type."""
-    for key, value in raw.items():
-        path = f"{where}.{key}" if where else key
-        expected = schema.get(key, schema.get("*"))
-        if expected is None:
-            import difflib
-
-            close = difflib.get_close_matches(key, [k for k in schema if k != "*"], n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(k for k in schema)}"
-            raise ConfigError(f"unknown key '{path}' in {source}; {hint}")
-        if isinstance(expected, dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"'{path}' in {source} must be a table, got {_describe(value)}")
-            _check_schema(value, expected, where=path, source=source)
-        elif expected == _STR_LIST:
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"'{path}' in {source} must be a list of strings, got {_describe(value)}")
-        elif type(value) is not expected:
-            raise ConfigError(f"'{path}' in {source} must be {_TYPE_NAMES[expected]}, got {_describe(value)}")
-
-
-def _describe(value: object) -> str:
-    kind = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array"}
-    return f"{kind.get(type(value), type(value).__name__)} ({safe_repr(value)[:60]})"
 
 
 def file_specs(raw: Mapping[str, Any], *, where: str, source: str, root: Path) -> tuple[FileSpec, ...]:
@@ -488,7 +512,10 @@ def find_git_top(path: Path) -> Path | None:
 def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> Config:
     """Validate a parsed TOML table (the 0.0.19 format) and build the effective Config."""
     where = str(source) if source else "the configuration"
-    _check_schema(raw, _SCHEMA, where="", source=where)
+    problems: list[str] = []
+    conform(dict(raw), _CONFIG_SHAPE, where="", problems=problems, closed=True, source=f" in {where}")
+    if problems:
+        raise ConfigError(problems[0])
     cap: Mapping[str, Any] = raw.get("capture", {})
     red: Mapping[str, Any] = raw.get("redact", {})
     template = cap.get("capsule-template", "%Y%m%d_%H%M%S")
@@ -616,9 +643,7 @@ INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 if TYPE_CHECKING:
 
-    class FileRecord(TypedDict, total=False):
-        """A listed file: ``files`` of context.json (inputs) and post-run-info.json (outputs)."""
-
+    class FileRecord(TypedDict, total=False):  # in ``files`` of context.json and post-run-info.json
         hash_algorithm: str | None
         file_hash: str | None
         size: int
@@ -629,9 +654,7 @@ if TYPE_CHECKING:
         note: str
         error: str  # it exists, but could not be hashed or stored
 
-    class GitRecord(TypedDict, total=False):
-        """One repository in ``git`` of context.json; its uncommitted changes are in diff_file."""
-
+    class GitRecord(TypedDict, total=False):  # a repository in ``git`` of context.json
         path: str  # relative to the root
         sha: str | None
         branch: str | None
@@ -643,9 +666,7 @@ if TYPE_CHECKING:
         diff_file: str  # in the capsule
         error: str
 
-    class CommandRecord(TypedDict):
-        """One pre-capture command."""
-
+    class CommandRecord(TypedDict):  # a pre-capture command
         command: str
         exit_code: int
         stdout: str
@@ -674,15 +695,17 @@ if TYPE_CHECKING:
         error_message: str
         error_details: str
 
-    class PreRunRecord(TypedDict, total=False):
-        root_directory: str
-        cwd: str
-        timestamp: str
+    class Who(TypedDict, total=False):  # who wrote the capsule: see whoami()
         kind: str
         capsula_version: str
         host: str
         pid: int
         boot_id: str | None
+
+    class PreRunRecord(Who, total=False):
+        root_directory: str
+        cwd: str
+        timestamp: str
         items: dict[str, dict[str, dict[str, JSON]]]  # item -> path -> {hash, copy, move}
         args: list[JSON]  # a command's arguments (strings), or a function's
         args_redacted: bool
@@ -714,15 +737,10 @@ if TYPE_CHECKING:
         exception_info: ExceptionRecord | None
         warnings: list[str]
 
-    class Manifest(TypedDict, total=False):
-        kind: str
+    class Manifest(Who, total=False):
         status: str
         started: str
         finished: str
-        capsula_version: str
-        host: str
-        pid: int
-        boot_id: str | None
         git: dict[str, dict[str, JSON]]  # name -> {sha, dirty}
         command: list[str]
         function: str
@@ -733,10 +751,7 @@ if TYPE_CHECKING:
         error: str | None
 
 
-# What a reader checks of each file before anything uses it, in a small grammar: a type
-# (float takes ints too, int and float never take booleans), None for null, a tuple of
-# alternatives, {key: shape} for a table ("*" for every key; unlisted keys pass as they
-# are), [shape] for an array. A value of the wrong shape is dropped and named.
+# What the reader checks of each file before anything uses it, in conform()'s grammar.
 _FILE_SHAPE = {"hash_algorithm": (str, None), "file_hash": (str, None), "size": int, "stored_as": str}
 _FILE_SHAPE |= {"copied": bool, "moved": bool, "symlink": str}
 _GIT_SHAPE = {"path": str, "sha": (str, None), "branch": (str, None), "root_in_repo": str, "diff_file": str}
@@ -769,45 +784,6 @@ _SHAPES: dict[str, Any] = {
         "exception_info": (None, {"error_type": str, "error_message": str}),
     },
 }
-_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}
-_KIND_NAMES |= {list: "an array", type(None): "null"}
-
-
-def _fits(value: object, shape: object) -> bool:
-    if shape is None:
-        return value is None
-    if isinstance(shape, (dict, list)):
-        return isinstance(value, type(shape))
-    if shape in (int, float) and isinstance(value, bool):
-        return False
-    return isinstance(value, (int, float) if shape is float else cast("type", shape))
-
-
-def conform(value: object, shape: object, *, where: str, problems: list[str]) -> tuple[bool, object]:
-    """(True, the value) when it has the shape, with the parts of a table or array that do
-    not dropped and named in problems; (False, None) when the value itself does not."""
-    alternatives = shape if isinstance(shape, tuple) else (shape,)
-    fitting = [alt for alt in alternatives if _fits(value, alt)]
-    if not fitting:
-        wanted = " or ".join(_KIND_NAMES[alt if isinstance(alt, type) else type(alt)] for alt in alternatives)
-        problems.append(f"{where} is {_KIND_NAMES.get(type(value), type(value).__name__)}, not {wanted}; ignored")
-        return False, None
-    alt = fitting[0]
-    if isinstance(alt, dict):
-        table: dict[str, object] = {}
-        for key, item in cast("dict[str, object]", value).items():
-            sub = alt.get(key, alt.get("*", ...))
-            ok, checked = (True, item) if sub is ... else conform(item, sub, where=f"{where}.{key}", problems=problems)
-            if ok:
-                table[key] = checked
-        return True, table
-    if isinstance(alt, list):
-        items = [
-            conform(v, alt[0], where=f"{where}[{i}]", problems=problems)
-            for i, v in enumerate(cast("list[object]", value))
-        ]
-        return True, [v for ok, v in items if ok]
-    return True, value
 
 
 def confined(base: Path, rel: object, *, what: str) -> Path:
@@ -2811,7 +2787,7 @@ def _record(args: argparse.Namespace, spec: str) -> Record:
     """A capsule named on the command line, read; what in it had to be ignored is said."""
     record = read_capsule(resolve_capsule(spec, _project_and_vault(args)[1]))
     for problem in record.problems[:5]:
-        warn(f"capsule {record.name}: {problem}")
+        warn(f"capsule {record.name}: {problem}; ignored")
     if len(record.problems) > 5:
         warn(f"capsule {record.name}: {len(record.problems) - 5} more values ignored")
     return record

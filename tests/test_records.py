@@ -58,9 +58,9 @@ def test_conform_drops_and_names_each_value_of_the_wrong_shape() -> None:
         "environment_variables": {"HOME": "/h"},
         "unknown_key": {"kept": "as is"},
     }
-    assert "context.json.root_directory is an integer, not a string; ignored" in problems
-    assert "context.json.git.a.dirty is an integer, not true or false; ignored" in problems
-    assert "context.json.files.g.size is true or false, not an integer; ignored" in problems  # bool is no int
+    assert "'context.json.root_directory' must be a string, got an integer (7)" in problems
+    assert "'context.json.git.a.dirty' must be true or false, got an integer (1)" in problems
+    assert "'context.json.files.g.size' must be an integer, got true or false (True)" in problems  # no bool
     assert len(problems) == 6
     assert capsula.conform([], capsula._SHAPES[capsula.CONTEXT], where="x", problems=[]) == (False, None)
 
@@ -154,7 +154,7 @@ def test_a_hostile_capsule_is_named_in_one_line_and_the_rest_keep_working(repo: 
     err = shown.stderr.decode()
     assert shown.returncode == 0 and "Traceback" not in err
     assert all(line.startswith("capsula: warning: capsule hostile: ") for line in err.splitlines())
-    assert "git.sample.sha is an integer, not a string or null; ignored" in err
+    assert "'context.json.git.sample.sha' must be a string or null, got an integer (12); ignored" in err
     rerun = run_capsula("rerun", "hostile", cwd=repo)
     err = rerun.stderr.decode()
     assert rerun.returncode == 1 and "no git commit" in err.splitlines()[-1] and "Traceback" not in err
