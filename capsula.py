@@ -1127,47 +1127,26 @@ def warn(message: str, warnings: list[str] | None = None) -> None:
         warnings.append(message)
 
 
-def _executable_architecture() -> dict[str, JSON]:
-    # platform.architecture() spawns `file`; the ELF magic and the pointer size give
-    # the same answer for the running interpreter without a subprocess.
-    bits = f"{8 * (sys.maxsize.bit_length() + 1) // 8}bit"
-    linkage = ""
-    try:
-        with open(sys.executable, "rb") as f:
-            magic = f.read(4)
-        linkage = "ELF" if magic == b"\x7fELF" else ("WindowsPE" if sys.platform == "win32" else "")
-    except OSError:
-        pass
-    return {"bits": bits, "linkage": linkage}
-
-
 def collect_platform() -> dict[str, JSON]:
-    """Platform and Python facts, under 0.0.19's keys. They do not change while the machine
-    is up, so the host cache keeps them (platform.processor() spawns `uname -p`)."""
+    """Platform and Python facts, under 0.0.19's keys and in its order. They do not change
+    while the machine is up, so the host cache keeps them (platform.processor() spawns
+    `uname -p`, and platform.architecture() `file`: the ELF magic tells the same)."""
     import platform
 
-    uname = platform.uname()
-    build_no, build_date = platform.python_build()
-    return {
-        "machine": uname.machine,
-        "node": uname.node,
-        "platform": platform.platform(),
-        "release": uname.release,
-        "version": uname.version,
-        "system": uname.system,
-        "processor": uname.processor,
-        "python": {
-            "executable_architecture": _executable_architecture(),
-            "build_no": build_no,
-            "build_date": build_date,
-            "compiler": platform.python_compiler(),
-            "branch": platform.python_branch(),
-            "implementation": platform.python_implementation(),
-            "version": platform.python_version(),
-            "executable": sys.executable,
-            "prefix": sys.prefix,
-        },
+    uname, (build_no, build_date) = platform.uname(), platform.python_build()
+    info: dict[str, JSON] = {"machine": uname.machine, "node": uname.node, "platform": platform.platform()}
+    info |= {key: getattr(uname, key) for key in ("release", "version", "system", "processor")}
+    elf = False
+    with contextlib.suppress(OSError), open(sys.executable, "rb") as f:
+        elf = f.read(4) == b"\x7fELF"
+    linkage = "ELF" if elf else ("WindowsPE" if sys.platform == "win32" else "")
+    python: dict[str, JSON] = {
+        "executable_architecture": {"bits": f"{sys.maxsize.bit_length() + 1}bit", "linkage": linkage}
     }
+    python |= {"build_no": build_no, "build_date": build_date}
+    python |= {key: getattr(platform, f"python_{key}")() for key in ("compiler", "branch", "implementation", "version")}
+    info["python"] = python | {"executable": sys.executable, "prefix": sys.prefix}
+    return info
 
 
 def collect_environment(
@@ -1189,17 +1168,8 @@ def collect_environment(
     return out
 
 
-class GitStatus(NamedTuple):
-    """What ``git status --porcelain=v2 --branch -z`` says."""
-
-    sha: str | None
-    branch: str | None
-    changed: int
-    untracked: list[str]
-
-
-def parse_git_status(out: bytes) -> GitStatus:
-    """Parse ``git status --porcelain=v2 --branch -z``: sha, branch, changes, untracked files."""
+def parse_git_status(out: bytes) -> tuple[str | None, str | None, int, list[str]]:
+    """Parse ``git status --porcelain=v2 --branch -z``: (sha, branch, changes, untracked files)."""
     sha: str | None = None
     branch: str | None = None
     changed = 0
@@ -1216,7 +1186,7 @@ def parse_git_status(out: bytes) -> GitStatus:
             changed += 1
             if rec.startswith(b"2 "):
                 next(records, None)  # a rename carries its original path as one more record
-    return GitStatus(sha, branch, changed, untracked)
+    return sha, branch, changed, untracked
 
 
 def git_environment(environ: Mapping[str, str], *, index: Path | None = None) -> dict[str, str]:
@@ -1255,23 +1225,14 @@ GIT_ADD_INTENT = ("add", "--intent-to-add", "--pathspec-from-file=-", "--pathspe
 
 
 def collect_git(
-    name: str,
-    rel: str,
-    *,
-    config: Config,
-    capsule_dir: Path,
-    environ: Mapping[str, str],
-    runner: Runner = start_process,
+    name: str, rel: str, *, config: Config, into: Path, environ: Mapping[str, str], runner: Runner = start_process
 ) -> GitRecord:
-    """The state of one repository, and (into ``<capsule_dir>/<name>.diff``) every
-    uncommitted change as a patch.
-
-    The patch holds staged and unstaged changes, binary files, and untracked files that are
-    not ignored (each up to UNTRACKED_LIMIT), so that ``git apply --binary`` of it on a
+    """The state of one repository, and every uncommitted change as a patch in
+    ``<into>/<name>.diff``: staged and unstaged changes, binary files, and untracked files
+    that are not ignored (each up to UNTRACKED_LIMIT), so that ``git apply --binary`` on a
     clean checkout of ``sha`` recreates the working tree. The user's index is not touched:
-    untracked files are added with --intent-to-add to a copy of it.
-    """
-    root, diff_path, env = config.root, capsule_dir / f"{name}.diff", git_environment(environ)
+    untracked files are added with --intent-to-add to a copy of it."""
+    root, diff_path, env = config.root, into / f"{name}.diff", git_environment(environ)
     path = root / rel
     entry: GitRecord = {"path": rel, "sha": None, "branch": None, "remotes": []}
     try:
@@ -1283,13 +1244,13 @@ def collect_git(
                 git_start(runner, path, "config", "-z", "--get-regexp", r"^remote\..*\.url$", env=env, ok=1),  # 1: none
             ]
         )
-        status = parse_git_status(status_out)
+        sha, branch, changed, untracked_now = parse_git_status(status_out)
         top_s, index_s = rev_parse.decode().splitlines()
         top, index = Path(top_s), path / index_s
     except (CaptureError, OSError, ValueError) as exc:
         entry["error"] = str(exc)
         return entry
-    entry["sha"], entry["branch"] = status.sha, status.branch
+    entry["sha"], entry["branch"] = sha, branch
     entry["remotes"] = [
         {"name": key.split(".", 1)[1].rsplit(".", 1)[0], "url": strip_credentials(url)}
         for key, _, url in (rec.decode(errors="replace").partition("\n") for rec in remotes.split(b"\0") if rec)
@@ -1297,16 +1258,15 @@ def collect_git(
     entry["root_in_repo"] = os.path.relpath(root, top)
     inside = os.path.relpath(config.vault, top) + "/"
     gone = {os.path.relpath(os.path.normpath(root / f.path), top) for f in config.files if f.move}
-    listed = [u for u in status.untracked if not (u + "/").startswith(inside) and u not in gone]
+    listed = [u for u in untracked_now if not (u + "/").startswith(inside) and u not in gone]
     untracked = [u for u in listed if _untracked_size(top / u) <= UNTRACKED_LIMIT]
     entry["untracked"] = listed
     entry["untracked_not_in_diff"] = sorted(set(listed) - set(untracked))
-    entry["dirty"] = bool(status.changed or listed)
+    entry["dirty"] = bool(changed or listed)
     entry["diff_file"] = diff_path.name
     try:
         if entry["dirty"]:
-            base = status.sha or EMPTY_TREE
-            _write_git_diff(runner, top, index, diff_path, base=base, untracked=untracked, environ=environ)
+            _write_git_diff(runner, top, index, diff_path, base=sha or EMPTY_TREE, untracked=untracked, environ=environ)
         else:  # nothing to diff: no need to ask git
             write_bytes_atomic(diff_path, b"")
     except (CaptureError, OSError) as exc:
@@ -1378,12 +1338,8 @@ def hz_fields(kind: str, hz: int) -> dict[str, JSON]:
 def read_sysfs_caches(cpu_dir: Path) -> dict[str, JSON]:
     """Cache sizes of one CPU from /sys/devices/system/cpu/cpuN/cache, under py-cpuinfo's keys."""
     info: dict[str, JSON] = {}
-    names = {
-        ("1", "Data"): "l1_data",
-        ("1", "Instruction"): "l1_instruction",
-        ("2", "Unified"): "l2",
-        ("3", "Unified"): "l3",
-    }
+    names = {("1", "Data"): "l1_data", ("1", "Instruction"): "l1_instruction", ("2", "Unified"): "l2"}
+    names[("3", "Unified")] = "l3"
     for index in sorted(cpu_dir.glob("index*")):
         try:
             level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
@@ -1465,10 +1421,8 @@ def scratch_directory(root: Path) -> Path:
 
 class HostCache:
     """Facts that do not change while the machine is up (platform, CPU), kept in the cache
-    directory. The key holds the host name, the boot id, the interpreter and the
-    py-cpuinfo install, so a reboot, another host or an upgrade reads them afresh.
-
-    Speed: platform.processor() spawns `uname -p`, and py-cpuinfo's probe takes a second."""
+    directory under a key of host, boot id, interpreter and py-cpuinfo install: a reboot,
+    another host or an upgrade reads them afresh. Speed: py-cpuinfo's probe takes 1 s."""
 
     def __init__(self, directory: Path | None, cpuinfo_stamp: str | None) -> None:
         import zlib  # a checksum is enough for a file name, and cheaper to import than hashlib
@@ -1560,13 +1514,8 @@ def run_pre_capture_command(command: str, *, cwd: Path, env: Mapping[str, str]) 
     text of the last TEXT_LIMIT bytes of its output."""
     start = time.perf_counter()
     code, out, err = start_process(["/bin/sh", "-c", command], cwd=cwd, env=env, tail=TEXT_LIMIT)()
-    return {
-        "command": command,
-        "exit_code": code,
-        "stdout": out.decode(errors="replace"),
-        "stderr": err.decode(errors="replace"),
-        "duration": round(time.perf_counter() - start, 6),
-    }
+    stdout, stderr, duration = out.decode(errors="replace"), err.decode(errors="replace"), time.perf_counter() - start
+    return {"command": command, "exit_code": code, "stdout": stdout, "stderr": stderr, "duration": round(duration, 6)}
 
 
 # === Vault ====================================================================
@@ -1736,7 +1685,7 @@ def collect_context(
     stamp = _cpuinfo_stamp() if config.include_cpu else None
     cache = HostCache(cache_directory(config.root, environ), stamp)
     thread = len(repos) + config.include_cpu + config.include_packages > 1  # else nothing to overlap
-    git = functools.partial(collect_git, config=config, capsule_dir=capsule.path, environ=environ, runner=runner)
+    git = functools.partial(collect_git, config=config, into=capsule.path, environ=environ, runner=runner)
     pending = {name: _collector(functools.partial(git, name, rel), thread=thread) for name, rel in repos}
     cpu_facts = functools.partial(collect_cpu, cache, has_cpuinfo=stamp is not None)
     cpu = _collector(cpu_facts, thread=thread) if config.include_cpu else None

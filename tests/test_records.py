@@ -77,12 +77,11 @@ def test_confined_refuses_what_leads_outside_even_through_links(tmp_path: Path) 
 
 
 def test_parse_git_status_of_real_porcelain_output() -> None:
-    status = capsula.parse_git_status((FIXTURES / "git-status-porcelain-v2.bin").read_bytes())
-    assert status.branch == "main" and status.sha is not None and len(status.sha) == 40
-    assert status.changed == 2  # a modified file and a rename (whose old path is not a file of its own)
-    assert status.untracked == ["new", "sub/sp ace"]
-    initial = capsula.parse_git_status(b"# branch.oid (initial)\0# branch.head (detached)\0")
-    assert initial == capsula.GitStatus(None, None, 0, [])
+    sha, branch, changed, untracked = capsula.parse_git_status((FIXTURES / "git-status-porcelain-v2.bin").read_bytes())
+    assert branch == "main" and sha is not None and len(sha) == 40
+    assert changed == 2  # a modified file and a rename (whose old path is not a file of its own)
+    assert untracked == ["new", "sub/sp ace"]
+    assert capsula.parse_git_status(b"# branch.oid (initial)\0# branch.head (detached)\0") == (None, None, 0, [])
 
 
 def test_parse_proc_cpuinfo_of_a_real_file() -> None:
