@@ -798,28 +798,25 @@ def confined(base: Path, rel: object, *, what: str) -> Path:
     )
 
 
-class Outcome(NamedTuple):
-    """What happened to a run, as far as Capsula saw it."""
-
-    exit_code: int | None = None  # the command's (128+N when signal N ended it); a SystemExit's code
-    signal: int | None = None  # the signal that ended the command
-    interrupted_by: int | None = None  # SIGINT, SIGTERM or SIGHUP that reached Capsula meanwhile
-    raised: str | None = None  # the type of the exception a function raised
-    incomplete: bool = False  # something could not be recorded
-
-
-def settle(outcome: Outcome) -> tuple[str, int]:
-    """The one rule from what happened to the status a capsule records and the exit code
-    Capsula returns: interrupted, then failed, then incomplete, then completed."""
-    signum = outcome.interrupted_by or (outcome.signal if outcome.signal in INTERRUPT_SIGNALS else None)
-    if signum is not None:
-        return INTERRUPTED, 128 + signum
-    if outcome.raised == "KeyboardInterrupt":
-        return INTERRUPTED, 128 + signal.SIGINT
-    code = outcome.exit_code or 0
-    if code != 0 or outcome.raised not in (None, "SystemExit"):
-        return FAILED, code or 1
-    return (INCOMPLETE, 1) if outcome.incomplete else (COMPLETED, 0)
+def settle(
+    *,
+    exit_code: int | None = None,
+    signal: int | None = None,
+    interrupted_by: int | None = None,
+    raised: str | None = None,
+    incomplete: bool = False,
+) -> tuple[str, int]:
+    """The one rule from what happened to a run to the status its capsule records and the
+    exit code Capsula returns: interrupted, then failed, then incomplete, then completed.
+    exit_code: the command's (128+N when signal N ended it) or a SystemExit's code; signal:
+    what ended the command; interrupted_by: SIGINT, SIGTERM or SIGHUP that reached Capsula;
+    raised: the type of a function's exception; incomplete: something was not recorded."""
+    signum = interrupted_by or (signal if signal in INTERRUPT_SIGNALS else None)
+    if signum is not None or raised == "KeyboardInterrupt":
+        return INTERRUPTED, 128 + (signum or 2)
+    if exit_code or raised not in (None, "SystemExit"):
+        return FAILED, exit_code or 1
+    return (INCOMPLETE, 1) if incomplete else (COMPLETED, 0)
 
 
 def whoami() -> dict[str, JSON]:
@@ -855,21 +852,12 @@ def pre_run_record(
 
 
 def post_run_record(
-    *,
-    root: Path,
-    run_time: float,
-    files: dict[str, FileRecord | None],
-    ended: Mapping[str, JSON],
-    status: str,
-    warnings: Sequence[str],
+    root: Path, run_time: float, *, files: dict[str, FileRecord | None], ended: Mapping[str, JSON], status: str
 ) -> PostRunRecord:
     """post-run-info.json: 0.0.19's keys in its order, how the run ended, then ours."""
     record: dict[str, object] = {"root_directory": str(root), "timestamp": now().isoformat()}
     record |= {"run_time": iso_duration(run_time), "files": files, **ended}
-    record |= {"status": status, "run_time_seconds": round(run_time, 6)}
-    if warnings:
-        record["warnings"] = list(warnings)
-    return cast("PostRunRecord", record)
+    return cast("PostRunRecord", record | {"status": status, "run_time_seconds": round(run_time, 6)})
 
 
 class Record(NamedTuple):
@@ -945,7 +933,7 @@ def manifest_of(record: Record) -> Manifest:
     if post:
         info = post.get("exception_info")
         raised = info.get("error_type", "Exception") if isinstance(info, dict) else None
-        status: str = settle(Outcome(exit_code=post.get("exit_code"), raised=raised))[0]
+        status: str = settle(exit_code=post.get("exit_code"), raised=raised)[0]
     else:
         status = COMPLETED if kind == "capture" and record.context else UNKNOWN
     git: dict[str, dict[str, JSON]] = {n: {"sha": g.get("sha")} for n, g in record.context.get("git", {}).items()}
@@ -1759,7 +1747,7 @@ def capture(
         status = INTERRUPTED if isinstance(exc, (Interrupted, KeyboardInterrupt)) else FAILED
         _close_context(capsule, status=status, error=str(exc) or type(exc).__name__)
         raise
-    status, _ = settle(Outcome(incomplete=error is not None))
+    status, _ = settle(incomplete=error is not None)
     _close_context(capsule, status=status, error=error)
     if error:
         raise CaptureError(f"{error}; check free space and permissions (the capsule {path} is marked {status})")
@@ -2103,7 +2091,7 @@ def monitor_command(
             with router.interruptible():
                 capsule = capture(config, kind="command", environ=environ, cwd=cwd)
         except Interrupted as exc:
-            return settle(Outcome(interrupted_by=exc.signum))[1], None
+            return settle(interrupted_by=exc.signum)[1], None
         shown = redact_args(args, config.secret_patterns, config.secret_allow) if config.redact_arguments else args
         pre = pre_run_record("command", root=config.root, cwd=cwd, started=now(), items=_items(config, items))
         pre["args"] = list(shown)
@@ -2122,8 +2110,9 @@ def monitor_command(
         with contextlib.suppress(Interrupted), router.interruptible():  # what is stored so far is recorded
             capture_items(capsule, items, into=files)
         error = " ".join(filter(None, [run.error, file_errors(files)])) or None
-        outcome = Outcome(run.exit_code, run.signal_number, router.received, incomplete=error is not None)
-        status, code = settle(outcome)
+        status, code = settle(
+            exit_code=run.exit_code, signal=run.signal_number, interrupted_by=router.received, incomplete=bool(error)
+        )
         ended = {**run.fields(), "exit_code": code if run.exit_code is None else run.exit_code, "error": error}
         ended = {k: ended[k] for k in ("stdout", "stderr", "exit_code")} | ended  # 0.0.19's order first
         finish_run(capsule, run_time=run.run_time, files=files, ended=ended, status=status)
@@ -2139,8 +2128,9 @@ def finish_run(
 ) -> None:
     """Write post-run-info.json and close capsule.json. On a full disk the record is kept
     without the inline output text (all of it is in stdout.txt and stderr.txt)."""
-    root, warnings = capsule.config.root, capsule.warnings
-    post = post_run_record(root=root, run_time=run_time, files=files, ended=ended, status=status, warnings=warnings)
+    post = post_run_record(capsule.config.root, run_time, files=files, ended=ended, status=status)
+    if capsule.warnings:
+        post["warnings"] = list(capsule.warnings)
     try:
         capsule.write(POST_RUN, post)
     except VaultError as exc:
@@ -2265,7 +2255,7 @@ def _finish_function(
     code = outcome.code if isinstance(outcome, SystemExit) else None
     exit_code = code if isinstance(code, int) else (0 if code is None else 1)
     raised = type(outcome).__name__ if outcome is not None else None
-    status, _ = settle(Outcome(exit_code=exit_code, raised=raised, incomplete=error is not None))
+    status, _ = settle(exit_code=exit_code, raised=raised, incomplete=error is not None)
     info = _exception_info(outcome) if outcome is not None else None
     ended = {"return_value": jsonable(value), "exception_info": cast("JSON", info)}
     finish_run(capsule, run_time=run_time, files=files, ended=ended, status=status)
@@ -2695,7 +2685,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
             with router.interruptible():
                 capsule = capture(config)
         except Interrupted as exc:
-            return settle(Outcome(interrupted_by=exc.signum))[1]
+            return settle(interrupted_by=exc.signum)[1]
     print(capsule.path)
     return 0
 

@@ -22,22 +22,22 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 @pytest.mark.parametrize(
     ("outcome", "expected"),
     [
-        (capsula.Outcome(exit_code=0), ("completed", 0)),
-        (capsula.Outcome(exit_code=3), ("failed", 3)),
-        (capsula.Outcome(exit_code=137, signal=9), ("failed", 137)),
-        (capsula.Outcome(exit_code=143, signal=15), ("interrupted", 143)),
-        (capsula.Outcome(exit_code=0, interrupted_by=2), ("interrupted", 130)),  # the command caught it
-        (capsula.Outcome(exit_code=0, incomplete=True), ("incomplete", 1)),
-        (capsula.Outcome(exit_code=2, incomplete=True), ("failed", 2)),  # failure first
-        (capsula.Outcome(raised="ValueError"), ("failed", 1)),
-        (capsula.Outcome(raised="KeyboardInterrupt"), ("interrupted", 130)),
-        (capsula.Outcome(raised="SystemExit", exit_code=0), ("completed", 0)),
-        (capsula.Outcome(raised="SystemExit", exit_code=4), ("failed", 4)),
-        (capsula.Outcome(incomplete=True), ("incomplete", 1)),
+        (dict(exit_code=0), ("completed", 0)),
+        (dict(exit_code=3), ("failed", 3)),
+        (dict(exit_code=137, signal=9), ("failed", 137)),
+        (dict(exit_code=143, signal=15), ("interrupted", 143)),
+        (dict(exit_code=0, interrupted_by=2), ("interrupted", 130)),  # the command caught it
+        (dict(exit_code=0, incomplete=True), ("incomplete", 1)),
+        (dict(exit_code=2, incomplete=True), ("failed", 2)),  # failure first
+        (dict(raised="ValueError"), ("failed", 1)),
+        (dict(raised="KeyboardInterrupt"), ("interrupted", 130)),
+        (dict(raised="SystemExit", exit_code=0), ("completed", 0)),
+        (dict(raised="SystemExit", exit_code=4), ("failed", 4)),
+        (dict(incomplete=True), ("incomplete", 1)),
     ],
 )
-def test_settle_is_the_one_rule_for_status_and_exit_code(outcome: capsula.Outcome, expected: tuple[str, int]) -> None:
-    assert capsula.settle(outcome) == expected
+def test_settle_is_the_one_rule_for_status_and_exit_code(outcome: dict[str, Any], expected: tuple[str, int]) -> None:
+    assert capsula.settle(**outcome) == expected
 
 
 def test_conform_drops_and_names_each_value_of_the_wrong_shape() -> None:
