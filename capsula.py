@@ -2280,67 +2280,47 @@ def summarize(path: Path, *, host: str, boot_id: str | None) -> dict[str, JSON]:
     except VaultError:
         manifest = {"status": "unreadable"}
     what = manifest.get("command") or manifest.get("function") or ""
-    return {
-        "name": path.name,
-        "started": manifest.get("started"),
-        "kind": manifest.get("kind"),
-        "status": status_as_read(manifest, host=host, boot_id=boot_id),
-        "exit_code": manifest.get("exit_code"),
-        "run_time": manifest.get("run_time"),
-        "git": cast("dict[str, JSON]", manifest.get("git") or {}),
-        "command": " ".join(what) if isinstance(what, list) else what,
-        "rerun_of": manifest.get("rerun_of"),
-    }
+    row: dict[str, JSON] = {"name": path.name, "started": manifest.get("started"), "kind": manifest.get("kind")}
+    row |= {"status": status_as_read(manifest, host=host, boot_id=boot_id), "exit_code": manifest.get("exit_code")}
+    row |= {"run_time": manifest.get("run_time"), "git": cast("dict[str, JSON]", manifest.get("git") or {})}
+    return row | {"command": " ".join(what) if isinstance(what, list) else what, "rerun_of": manifest.get("rerun_of")}
 
 
 def list_capsules(vault: Path) -> list[dict[str, JSON]]:
     """Every capsule in the vault, newest first."""
     host, boot = hostname(), read_boot_id()
     rows = [summarize(vault / name, host=host, boot_id=boot) for name in list_capsule_names(vault)]
-    rows.sort(key=lambda r: (str(r["started"] or ""), str(r["name"])), reverse=True)
-    return rows
+    return sorted(rows, key=lambda r: (str(r["started"] or ""), str(r["name"])), reverse=True)
 
 
 def resolve_capsule(spec: str, vault: Path) -> Path:
     """A capsule named by path, name, unique name prefix, or ``latest`` / ``latest~N``."""
-    direct = Path(spec)
-    if any((direct / name).is_file() for name in (MANIFEST, CONTEXT, PRE_RUN)):
-        return direct.absolute()
-    match = re.fullmatch(r"latest(?:~(\d+))?", spec)
-    if match:
+    if any((Path(spec) / name).is_file() for name in (MANIFEST, CONTEXT, PRE_RUN)):
+        return Path(spec).absolute()
+    if match := re.fullmatch(r"latest(?:~(\d+))?", spec):
         ordered = [str(row["name"]) for row in list_capsules(vault)]  # newest first
-        n = int(match[1] or 0)
-        if n >= len(ordered):
+        if int(match[1] or 0) >= len(ordered):
             raise VaultError(f"{spec}: the vault {vault} holds {len(ordered)} capsule(s)")
-        return vault / ordered[n]
+        return vault / ordered[int(match[1] or 0)]
     names = list_capsule_names(vault)
-    if spec in names:
-        return vault / spec
-    found = [n for n in names if n.startswith(spec)]
+    found = [spec] if spec in names else [n for n in names if n.startswith(spec)]
     if len(found) == 1:
         return vault / found[0]
     if not found:
         raise VaultError(f"no capsule {spec!r} in {vault}; run 'capsula list' to see the names")
-    raise VaultError(
-        f"{spec!r} matches {len(found)} capsules in {vault} ({', '.join(sorted(found)[:3])}, ...); give more of the name"
-    )
-
-
-def _short_git(git: object) -> str:
-    parts = []
-    for g in git.values() if isinstance(git, dict) else ():
-        if isinstance(g, dict) and g.get("sha"):
-            parts.append(str(g["sha"])[:8] + ("*" if g.get("dirty") else ""))
-    return ",".join(parts) or "-"
+    shown = ", ".join(sorted(found)[:3])
+    raise VaultError(f"{spec!r} matches {len(found)} capsules in {vault} ({shown}, ...); give more of the name")
 
 
 def format_table(rows: Sequence[dict[str, JSON]]) -> str:
     def cells(r: Mapping[str, JSON]) -> tuple[str, ...]:
-        started, run_time = str(r["started"] or "-")[:19].replace("T", " "), r["run_time"]
-        seconds = "-" if not isinstance(run_time, (int, float)) else f"{run_time:.2f}s"
-        code = "-" if r["exit_code"] is None else str(r["exit_code"])
-        kind, status = str(r["kind"] or "-"), str(r["status"] or "-")
-        return (str(r["name"]), started, kind, status, code, seconds, _short_git(r["git"]), str(r["command"] or ""))
+        started, run_time, git = str(r["started"] or "-")[:19].replace("T", " "), r["run_time"], r["git"]
+        seconds = f"{run_time:.2f}s" if isinstance(run_time, (int, float)) else "-"
+        repos = cast("dict[str, dict[str, JSON]]", git).values()
+        shas = ",".join(f"{str(g['sha'])[:8]}{'*' if g.get('dirty') else ''}" for g in repos if g.get("sha"))
+        code = "-" if r["exit_code"] is None else r["exit_code"]
+        row = (r["name"], started, r["kind"] or "-", r["status"] or "-", code, seconds, shas or "-", r["command"] or "")
+        return tuple(map(str, row))
 
     lines = [("NAME", "STARTED", "KIND", "STATUS", "EXIT", "TIME", "GIT", "COMMAND"), *map(cells, rows)]
     widths = [max(len(line[i]) for line in lines) for i in range(7)]
@@ -2350,6 +2330,7 @@ def format_table(rows: Sequence[dict[str, JSON]]) -> str:
 
 
 Key = tuple[str, ...]  # a field: the keys that lead to it
+ABSENT = "<absent>"
 
 
 class Finding(NamedTuple):
@@ -2362,56 +2343,39 @@ class Finding(NamedTuple):
     detail: tuple[str, ...] = ()
 
 
-ABSENT = "<absent>"
-
-
 def format_findings(findings: Sequence[Finding], *, old: str = "", new: str = "") -> list[str]:
     """The findings as lines, each value labelled (``(capsule)``, ``(now)``) when asked."""
 
     def shown(value: object) -> str:
         return ABSENT if value is ABSENT else json.dumps(value, ensure_ascii=False)
 
-    lines: list[str] = []
-    for f in findings:
-        lines += f.detail or [f"{f.field}: {shown(f.old)}{old} -> {shown(f.new)}{new}"]
-    return lines
+    return [line for f in findings for line in f.detail or [f"{f.field}: {shown(f.old)}{old} -> {shown(f.new)}{new}"]]
 
 
 def flatten(data: object, prefix: Key) -> dict[Key, object]:
     """Nested tables as fields; other values (lists included) are leaves, but for lists
     of tables, whose items are fields of their own."""
     if isinstance(data, dict) and data:
-        out: dict[Key, object] = {}
-        for key, value in data.items():
-            out.update(flatten(value, (*prefix, str(key))))
-        return out
+        return {k: v for key, value in data.items() for k, v in flatten(value, (*prefix, str(key))).items()}
     if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
         return {k: v for i, item in enumerate(data) for k, v in flatten(item, (*prefix, str(i))).items()}
     return {prefix: data}
 
 
 def _ignored(key: Key | str, patterns: Sequence[str]) -> bool:
+    """Whether a field is left out: named by a pattern, whole or without its first key."""
     import fnmatch
 
     path = key if isinstance(key, str) else ".".join(key)
-    short = path.split(".", 1)[1] if "." in path else path
-    return any(
-        p in (path, short)
-        or path.startswith(p + ".")
-        or short.startswith(p + ".")
-        or fnmatch.fnmatchcase(path, p)
-        or fnmatch.fnmatchcase(short, p)
-        for p in patterns
-    )
+    names = (path, path.split(".", 1)[-1])
+    return any(n == p or n.startswith(p + ".") or fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
 
 
 def compare_fields(a: Mapping[Key, object], b: Mapping[Key, object], ignore: Sequence[str] = ()) -> list[Finding]:
     """A finding for every differing field that is not ignored, the context's first."""
-    findings = []
-    for key in sorted(set(a) | set(b), key=lambda k: (k[0] != "context", k)):
-        if not _ignored(key, ignore) and a.get(key, ABSENT) != b.get(key, ABSENT):
-            findings.append(Finding(".".join(key), a.get(key, ABSENT), b.get(key, ABSENT)))
-    return findings
+    keys = sorted(set(a) | set(b), key=lambda k: (k[0] != "context", k))
+    pairs = [(key, a.get(key, ABSENT), b.get(key, ABSENT)) for key in keys if not _ignored(key, ignore)]
+    return [Finding(".".join(key), old, new) for key, old, new in pairs if old != new]
 
 
 def text_diff(a: bytes, b: bytes, label: str, *, limit: int = 200) -> list[Finding]:
@@ -2419,65 +2383,49 @@ def text_diff(a: bytes, b: bytes, label: str, *, limit: int = 200) -> list[Findi
 
     if a == b:
         return []
-    lines = list(
-        difflib.unified_diff(
-            a.decode(errors="replace").splitlines(),
-            b.decode(errors="replace").splitlines(),
-            f"A/{label}",
-            f"B/{label}",
-            lineterm="",
-        )
-    )
-    if not lines:  # differ in bytes only (line endings, invalid UTF-8)
-        lines = [f"{label}: the bytes differ ({len(a)} vs {len(b)} bytes)"]
+    old, new = a.decode(errors="replace").splitlines(), b.decode(errors="replace").splitlines()
+    lines = list(difflib.unified_diff(old, new, f"A/{label}", f"B/{label}", lineterm=""))
+    lines = lines or [f"{label}: the bytes differ ({len(a)} vs {len(b)} bytes)"]  # line endings, invalid UTF-8
     cut = [f"... {len(lines) - limit} more lines"] if len(lines) > limit else []
     return [Finding(label, len(a), len(b), tuple(lines[:limit] + cut))]
-
-
-def _fields(record: Record) -> dict[Key, object]:
-    return {**flatten(record.context, ("context",)), **flatten(record.pre, ("pre",)), **flatten(record.post, ("post",))}
 
 
 def diff_capsules(a: Record, b: Record, *, ignore: Sequence[str] = ()) -> list[Finding]:
     """Every difference between two capsules that is not ignored; empty when they match."""
     ignore = (*DEFAULT_IGNORES, *ignore)
-    findings = compare_fields(_fields(a), _fields(b), ignore)
+
+    def fields(r: Record) -> dict[Key, object]:
+        return {**flatten(r.context, ("context",)), **flatten(r.pre, ("pre",)), **flatten(r.post, ("post",))}
+
+    findings = compare_fields(fields(a), fields(b), ignore)
     da, db = a.diff_files(), b.diff_files()
     for name in sorted(set(da) | set(db)):
         if not _ignored(f"git.{name}.diff", ignore):
             findings += text_diff(da.get(name, b""), db.get(name, b""), f"{name}.diff")
-    if a.kind == "command" or b.kind == "command":
-        for name in (STDOUT, STDERR):
-            if not _ignored(name, ignore):
-                findings += text_diff(a.output(name), b.output(name), name)
+    for name in (STDOUT, STDERR) if "command" in (a.kind, b.kind) else ():
+        if not _ignored(name, ignore):
+            findings += text_diff(a.output(name), b.output(name), name)
     return findings
 
 
-def _recorded_files(record: Record, root: Path) -> tuple[FileSpec, ...]:
-    """The input files a capsule hashed (those it moved are gone), each checked to lie in root."""
-    specs = []
-    for path, entry in record.context.get("files", {}).items():
-        if not (entry and entry.get("moved")):
-            confined(root, path, what=f"{record.name}: files")
-            specs.append(FileSpec(path=path, hash=(entry or {}).get("hash_algorithm")))
-    return tuple(specs)
-
-
 def _config_from_record(record: Record, root: Path) -> Config:
-    """The capsule's own capture settings (0.0.19 capsules: what its context.json names)."""
-    recorded = record.context.get("config", {})
-    names = recorded.get("environment_variables") or list(record.context.get("environment_variables", {}))
-    repos = tuple((n, g.get("path", ".")) for n, g in record.context.get("git", {}).items())
-    for name, rel in repos:
-        confined(root, rel, what=f"{record.name}: git.{name}.path")
+    """The capsule's own capture settings (0.0.19 capsules: what its context.json names),
+    each path it names checked to lie in root. The files it moved are gone: not listed."""
+    recorded, context = record.context.get("config", {}), record.context
+    files = tuple((p, e) for p, e in context.get("files", {}).items() if not (e and e.get("moved")))
+    repos = tuple((n, g.get("path", ".")) for n, g in context.get("git", {}).items())
+    for key, rel in (*((f"files.{p}", p) for p, _ in files), *((f"git.{n}.path", rel) for n, rel in repos)):
+        confined(root, rel, what=f"{record.name}: {key}")
+    names = recorded.get("environment_variables") or list(context.get("environment_variables", {}))
+    patterns, allow = recorded.get("secret_patterns", DEFAULT_SECRET_PATTERNS), recorded.get("secret_allow", ())
     return Config(
-        root=root,
+        root,
         environment_variables=tuple(cast("list[str]", names)),
-        files=_recorded_files(record, root),
+        files=tuple(FileSpec(path, (entry or {}).get("hash_algorithm")) for path, entry in files),
         git_repositories=repos,
-        include_packages="packages" in record.context,
-        secret_patterns=tuple(cast("list[str]", recorded.get("secret_patterns", DEFAULT_SECRET_PATTERNS))),
-        secret_allow=tuple(cast("list[str]", recorded.get("secret_allow", ()))),
+        include_packages="packages" in context,
+        secret_patterns=tuple(cast("list[str]", patterns)),
+        secret_allow=tuple(cast("list[str]", allow)),
     )
 
 
@@ -2649,15 +2597,13 @@ def rerun_capsule(
 def find_file(path: Path, vault: Path) -> list[tuple[str, str, str]]:
     """(capsule, "input" or "output", recorded path) for every capsule that recorded a file
     with this content."""
-    digests: dict[str, str | None] = {}
 
+    @functools.cache
     def digest(algorithm: str) -> str | None:
-        if algorithm not in digests:
-            try:
-                digests[algorithm] = hash_file(path, algorithm)
-            except (OSError, ValueError):
-                digests[algorithm] = None
-        return digests[algorithm]
+        try:
+            return hash_file(path, algorithm)
+        except (OSError, ValueError):
+            return None
 
     found = []
     for row in list_capsules(vault):
