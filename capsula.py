@@ -116,7 +116,16 @@ def signal_name(signum: int) -> str:
 TEXT_LIMIT = 1 << 20  # bytes of stdout/stderr/command output kept inline in JSON
 UNTRACKED_LIMIT = 10 << 20  # bytes: larger untracked files are listed, not diffed
 REDACTED = "<redacted>"
-DEFAULT_SECRET_PATTERNS = tuple("TOKEN SECRET PASSWORD PASSWD API_KEY APIKEY ACCESS_KEY PRIVATE CREDENTIAL".split())
+# Names that look secret: a pattern of six characters or more anywhere in the name, a
+# shorter one as a whole word (see is_secret_name); and files withheld from diffs by name.
+DEFAULT_SECRET_PATTERNS = tuple(
+    "PASSWORD PASSWD SECRET CREDENTIAL APIKEY API_KEY ACCESS_KEY PRIVATE_KEY TOKEN KEY PASS AUTH COOKIE".split()
+)
+DEFAULT_SECRET_FILES = tuple(
+    ".env .env.* *.env *.pem *.key *.p12 *.pfx *.jks *.keystore *.kdbx id_rsa* id_dsa* id_ecdsa* id_ed25519* "
+    "credentials credentials.json .netrc _netrc .pypirc .npmrc .git-credentials .pgpass .htpasswd "
+    "secrets.json secrets.yaml secrets.yml secrets.toml .secrets".split()
+)
 
 
 def now() -> datetime.datetime:
@@ -133,8 +142,9 @@ def iso_duration(seconds: float) -> str:
     return f"P{int(days)}DT{text}S" if days else f"PT{text}S"
 
 
-def jsonable(value: object, *, _seen: frozenset[int] = frozenset()) -> JSON:
-    """Convert a value to something json.dumps accepts; what it cannot hold becomes repr."""
+def jsonable(value: object, *, hide: Callable[[str], bool] | None = None, _seen: frozenset[int] = frozenset()) -> JSON:
+    """Convert a value to something json.dumps accepts; what it cannot hold becomes repr,
+    and the value of a mapping's key that ``hide`` says is secret becomes REDACTED."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
@@ -143,9 +153,9 @@ def jsonable(value: object, *, _seen: frozenset[int] = frozenset()) -> JSON:
         return "<recursive reference>"
     seen = _seen | {id(value)}
     if isinstance(value, (list, tuple)):
-        return [jsonable(v, _seen=seen) for v in value]
+        return [jsonable(v, hide=hide, _seen=seen) for v in value]
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: jsonable(v, _seen=seen) for k, v in value.items()}
+        return {k: REDACTED if hide and hide(k) else jsonable(v, hide=hide, _seen=seen) for k, v in value.items()}
     if isinstance(value, Path):
         return str(value)
     return safe_repr(value)
@@ -282,41 +292,94 @@ def hash_file(path: Path, algorithm: str) -> str:
 
 
 def is_secret_name(name: str, patterns: Sequence[str]) -> bool:
-    """Whether a variable or option name looks like it holds a credential."""
-    upper = name.upper().replace("-", "_")
-    return any(p.upper().replace("-", "_") in upper for p in patterns)
+    """Whether a variable, option or key name looks like it holds a credential. Case, ``-``,
+    ``.`` and camelCase are folded into words; a pattern of six characters or more counts
+    anywhere in the name (DB_PASSWORD, pgpassword), a shorter one only as a whole word
+    (--key, SSH_KEY, HF_TOKEN; not KEYBOARD, MONKEY or TOKENIZERS_PARALLELISM)."""
+    words = "_" + re.sub(r"[^A-Z0-9]+", "_", re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).upper()) + "_"
+    for pattern in patterns:
+        p = re.sub(r"[^A-Z0-9]+", "_", pattern.upper()).strip("_")
+        if p and (p in words if len(p) >= 6 else f"_{p}_" in words):
+            return True
+    return False
+
+
+def is_secret_file(path: str, patterns: Sequence[str]) -> bool:
+    """Whether a file is withheld from diffs: its name (or, for a pattern with a ``/``, its
+    path) matches a pattern of ``[redact] files``, case aside."""
+    import fnmatch
+
+    name = path.rsplit("/", 1)[-1].lower()
+    return any(fnmatch.fnmatchcase(path.lower() if "/" in p else name, p.lower()) for p in patterns)
+
+
+def _userinfo_end(rest: str) -> int:
+    """Where the ``user:password`` of a URL ends in what follows ``scheme://`` (-1: none).
+    A password may hold ``@`` or ``/``; ``host:8080/a@b`` and ``host/pkg@v1`` hold none."""
+    end = rest.rfind("@", 0, min(i for i in (rest.find("?"), rest.find("#"), len(rest)) if i >= 0))
+    if end < 0 or "/" not in rest[:end]:
+        return end
+    head = rest[: rest.find("/")]
+    _user, colon, password = head.partition("@")[0].partition(":")
+    if colon and password and not password.isdigit():
+        return end  # user:pa/ss@host: the password runs to the last @
+    return head.rfind("@")
+
+
+_URL = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^\s'\"<>]*)")
+_HEADER = re.compile(r"(?i)\b((?:proxy-)?authorization|x-api-key|x-auth-token|cookie)(\s*[:=]\s*)\S.*")
+
+
+def strip_credentials(url: str) -> str:
+    """A remote URL without password, token or query; the ssh user stays (``ssh://git@host``)."""
+    url = url.strip()
+    match = _URL.match(url)
+    if not match:
+        return url
+    scheme, rest = match.groups()
+    end = _userinfo_end(rest)
+    keep = end >= 0 and scheme.startswith("ssh") and ":" not in rest[:end]
+    rest = rest if keep or end < 0 else rest[end + 1 :]
+    return scheme + rest.split("?", 1)[0].split("#", 1)[0] + url[match.end() :]
+
+
+def redact_text(text: str, patterns: Sequence[str]) -> str:
+    """Text Capsula records but did not choose (an environment value, an argument, a
+    command's message) with the credentials in it redacted: the user:password of every
+    URL, query parameters with secret names, and Authorization, Cookie and API-key headers."""
+
+    def url(match: re.Match[str]) -> str:
+        scheme, rest = match.groups()
+        end = _userinfo_end(rest)
+        if end >= 0 and not (scheme.startswith("ssh") and ":" not in rest[:end]):
+            rest = f"{REDACTED}{rest[end:]}"
+        query = re.sub(
+            r"([?&;])([^=&;#]+)=([^&;#]*)",
+            lambda q: f"{q[1]}{q[2]}={REDACTED}" if is_secret_name(q[2], patterns) else q[0],
+            rest,
+        )
+        return scheme + query
+
+    return _HEADER.sub(lambda m: f"{m[1]}{m[2]}{REDACTED}", _URL.sub(url, text))
 
 
 def redact_args(args: Sequence[str], patterns: Sequence[str], allow: Sequence[str]) -> list[str]:
-    """Redact the values of options whose names look secret (``--token X``, ``--password=X``)."""
+    """Arguments as recorded: the value of an option whose name looks secret (``--token X``,
+    ``--password=X``, ``-p X``) redacted, unless the option is allowed, and credentials in
+    any argument (URLs, headers) too. An option followed by another option takes no value:
+    nothing is redacted for it."""
     out: list[str] = []
     redact_next = False
     for arg in args:
-        if redact_next:
+        if redact_next and not re.match(r"-[^\d.]", arg):
             out.append(REDACTED)
             redact_next = False
             continue
         name, eq, _ = arg.partition("=")
-        secret = arg.startswith("-") and name not in allow and is_secret_name(name.lstrip("-"), patterns)
-        if secret and eq:
-            out.append(f"{name}={REDACTED}")
-        else:
-            out.append(arg)
-            redact_next = secret
+        secret = arg.startswith("-") and name not in allow and (name == "-p" or is_secret_name(name, patterns))
+        out.append(f"{name}={REDACTED}" if secret and eq else redact_text(arg, patterns))
+        redact_next = secret and not eq
     return out
-
-
-_URL_USERINFO = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^@/]*)@")
-
-
-def strip_credentials(url: str) -> str:
-    """Drop passwords and tokens from a remote URL; keep the ssh user (``ssh://git@host``)."""
-    match = _URL_USERINFO.match(url)
-    if match:
-        user = match["user"].split(":", 1)[0]
-        keep = match["scheme"].startswith("ssh") and ":" not in match["user"]
-        url = match["scheme"] + (f"{user}@" if keep else "") + url[match.end() :]
-    return url.split("?", 1)[0].split("#", 1)[0] if "://" in url else url
 
 
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}
@@ -418,6 +481,7 @@ class Config(NamedTuple):
     items: Mapping[str, tuple[FileSpec, ...]] = {}  # never mutated
     secret_patterns: tuple[str, ...] = DEFAULT_SECRET_PATTERNS
     secret_allow: tuple[str, ...] = ()
+    secret_files: tuple[str, ...] = DEFAULT_SECRET_FILES
     redact_arguments: bool = True
 
     @property
@@ -439,6 +503,7 @@ class Config(NamedTuple):
             "git_repositories": None if self.git_repositories is None else dict(self.git_repositories),
             "secret_patterns": list(self.secret_patterns),
             "secret_allow": list(self.secret_allow),
+            "secret_files": list(self.secret_files),
             "redact_arguments": self.redact_arguments,
         }
 
@@ -451,7 +516,7 @@ _CONFIG_SHAPE = {  # in conform()'s grammar; every other key is refused
         "git": {"repositories": {"*": str}},
     },
     "monitor": {"item": {"*": {"files": {"*": _FILE_OPTIONS}}}},
-    "redact": {"patterns": [str], "allow": [str], "arguments": bool},
+    "redact": {"patterns": [str], "allow": [str], "files": [str], "arguments": bool},
 }
 
 
@@ -552,6 +617,7 @@ def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> 
         items=items,
         secret_patterns=tuple(red.get("patterns", DEFAULT_SECRET_PATTERNS)),
         secret_allow=tuple(red.get("allow", ())),
+        secret_files=tuple(red.get("files", DEFAULT_SECRET_FILES)),
         redact_arguments=red.get("arguments", True),
     )
 
@@ -662,6 +728,7 @@ if TYPE_CHECKING:
         root_in_repo: str
         untracked: list[str]
         untracked_not_in_diff: list[str]
+        withheld: dict[str, dict[str, JSON]]  # path -> {size, sha256}: secrets by name, not in the diff
         dirty: bool
         diff_file: str  # in the capsule
         error: str
@@ -756,6 +823,7 @@ _FILE_SHAPE = {"hash_algorithm": (str, None), "file_hash": (str, None), "size": 
 _FILE_SHAPE |= {"copied": bool, "moved": bool, "symlink": str}
 _GIT_SHAPE = {"path": str, "sha": (str, None), "branch": (str, None), "root_in_repo": str, "diff_file": str}
 _GIT_SHAPE |= {"dirty": bool, "untracked": [str], "remotes": [{"name": str, "url": str}]}
+_GIT_SHAPE |= {"withheld": {"*": {"size": int, "sha256": (str, None)}}}
 _WHO_SHAPE = {"kind": str, "host": str, "pid": int, "boot_id": (str, None), "capsula_version": str}
 _SHAPES: dict[str, Any] = {
     MANIFEST: {
@@ -1152,7 +1220,7 @@ def collect_environment(
         for key in matched:
             value = environ.get(key)
             secret = value is not None and key not in allow and is_secret_name(key, patterns)
-            out[key] = REDACTED if secret else value
+            out[key] = REDACTED if secret else value if value is None or key in allow else redact_text(value, patterns)
     return out
 
 
@@ -1247,8 +1315,11 @@ def collect_git(
     inside = os.path.relpath(config.vault, top) + "/"
     gone = {os.path.relpath(os.path.normpath(root / f.path), top) for f in config.files if f.move}
     listed = [u for u in untracked_now if not (u + "/").startswith(inside) and u not in gone]
-    untracked = [u for u in listed if _untracked_size(top / u) <= UNTRACKED_LIMIT]
+    withheld = [u for u in listed if is_secret_file(u, config.secret_files)]
+    untracked = [u for u in listed if u not in withheld and _untracked_size(top / u) <= UNTRACKED_LIMIT]
     entry["untracked"] = listed
+    if withheld:  # listed with size and hash, never their content
+        entry["withheld"] = {u: {"size": _untracked_size(top / u), "sha256": _sha256(top / u)} for u in withheld}
     entry["untracked_not_in_diff"] = sorted(set(listed) - set(untracked))
     entry["dirty"] = bool(changed or listed)
     entry["diff_file"] = diff_path.name
@@ -1260,6 +1331,13 @@ def collect_git(
     except (CaptureError, OSError) as exc:
         entry["error"] = f"cannot write {diff_path.name}: {exc}"
     return entry
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hash_file(path, "sha256")
+    except OSError:
+        return None
 
 
 def _untracked_size(path: Path) -> int:
@@ -1497,12 +1575,15 @@ def _name_and_version(metadata_text: str) -> tuple[str, str]:
     return fields.get("Name", ""), fields.get("Version", "")
 
 
-def run_pre_capture_command(command: str, *, cwd: Path, env: Mapping[str, str]) -> CommandRecord:
+def run_pre_capture_command(
+    command: str, *, cwd: Path, env: Mapping[str, str], patterns: Sequence[str]
+) -> CommandRecord:
     """Run one pre-capture command through the shell and record how it ended, with the
-    text of the last TEXT_LIMIT bytes of its output."""
+    text of the last TEXT_LIMIT bytes of its output (credentials in it redacted)."""
     start = time.perf_counter()
     code, out, err = start_process(["/bin/sh", "-c", command], cwd=cwd, env=env, tail=TEXT_LIMIT)()
-    stdout, stderr, duration = out.decode(errors="replace"), err.decode(errors="replace"), time.perf_counter() - start
+    stdout, stderr = (redact_text(data.decode(errors="replace"), patterns) for data in (out, err))
+    duration = time.perf_counter() - start
     return {"command": command, "exit_code": code, "stdout": stdout, "stderr": stderr, "duration": round(duration, 6)}
 
 
@@ -1685,6 +1766,10 @@ def collect_context(
         config.environment_variables, environ, patterns=config.secret_patterns, allow=config.secret_allow
     )
     context["git"] = {name: cast("GitRecord", join()) for name, join in pending.items()}
+    for name, entry in context["git"].items():
+        if entry.get("withheld"):
+            listed = ", ".join(entry.get("withheld", {}))
+            warn(f"{name}: not in {name}.diff, as secrets by name ([redact] files): {listed}", capsule.warnings)
     context["files"] = files = {}
     for spec in config.files:
         if in_place:  # verify: hash in place, nothing copied or moved
@@ -1733,7 +1818,7 @@ def capture(
     try:
         child_env = {**environ, "CAPSULE_DIR": str(path)}
         for command in config.pre_capture_commands:
-            record = run_pre_capture_command(command, cwd=config.root, env=child_env)
+            record = run_pre_capture_command(command, cwd=config.root, env=child_env, patterns=config.secret_patterns)
             commands.append(record)
             if record["exit_code"] != 0:
                 stderr = " ".join(record["stderr"].split())[-300:] or "(no stderr)"
@@ -2208,6 +2293,15 @@ def monitor(
         line = fn.__code__.co_firstlineno if hasattr(fn, "__code__") else None
         config = load_config(root) if root is not None else load_config(cwd=source.parent)
         check_items(config, items)
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        names = [p.name for p in inspect.signature(fn).parameters.values() if p.kind in positional]
+
+        def hide(key: str) -> bool:
+            return (
+                config.redact_arguments
+                and key not in config.secret_allow
+                and is_secret_name(key, config.secret_patterns)
+            )
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -2216,9 +2310,9 @@ def monitor(
                 "function", root=config.root, cwd=Path.cwd(), started=now(), items=_items(config, items)
             )
             pre.update({"source_file": str(source), "source_line": line, "function_name": fn.__name__})
-            pre.update(
-                {"args": cast("list[JSON]", jsonable(args)), "kwargs": cast("dict[str, JSON]", jsonable(kwargs))}
-            )
+            shown = [REDACTED if hide(name) else jsonable(a, hide=hide) for a, name in zip(args, names, strict=False)]
+            shown += [jsonable(a, hide=hide) for a in args[len(shown) :]]
+            pre.update({"args": shown, "kwargs": cast("dict[str, JSON]", jsonable(kwargs, hide=hide))})
             capsule.write(PRE_RUN, pre)
             capsule.write_manifest(function=f"{fn.__module__}.{fn.__qualname__}", items=list(items))
             token = _CURRENT_CAPSULE.set(capsule.path)
@@ -2233,7 +2327,8 @@ def monitor(
                 run_time = time.perf_counter() - start
                 _CURRENT_CAPSULE.reset(token)
             try:
-                _finish_function(capsule, run_time, items, outcome, result if include_return_value else None)
+                value = jsonable(result, hide=hide) if include_return_value else None
+                _finish_function(capsule, run_time, items, outcome, value)
             except CapsulaError as exc:  # the function's own outcome still reaches the caller
                 warn(f"the run was not fully recorded: {exc}")
             if outcome is not None:
@@ -2246,7 +2341,7 @@ def monitor(
 
 
 def _finish_function(
-    capsule: Capsule, run_time: float, items: Sequence[str], outcome: BaseException | None, value: object
+    capsule: Capsule, run_time: float, items: Sequence[str], outcome: BaseException | None, value: JSON
 ) -> None:
     files = capture_items(capsule, items, into={})
     error = file_errors(files)
@@ -2257,7 +2352,7 @@ def _finish_function(
     raised = type(outcome).__name__ if outcome is not None else None
     status, _ = settle(exit_code=exit_code, raised=raised, incomplete=error is not None)
     info = _exception_info(outcome) if outcome is not None else None
-    ended = {"return_value": jsonable(value), "exception_info": cast("JSON", info)}
+    ended = {"return_value": value, "exception_info": cast("JSON", info)}
     finish_run(capsule, run_time=run_time, files=files, ended=ended, status=status)
 
 
@@ -2436,7 +2531,8 @@ def _verified(key: Key) -> bool:
     if section == "platform":
         return rest in (("system",), ("machine",), ("release",), ("python", "implementation"), ("python", "version"))
     if section in ("git", "files", "packages"):
-        return len(rest) > 1 and rest[-1] in ("sha", "branch", "dirty", "untracked", "file_hash", "version", "source")
+        keep = ("sha", "branch", "dirty", "untracked", "file_hash", "version", "source", "sha256")
+        return len(rest) > 1 and rest[-1] in keep
     return section == "environment_variables"
 
 

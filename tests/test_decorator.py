@@ -101,12 +101,12 @@ def test_unserialisable_arguments_are_recorded_by_repr(repo: Path) -> None:
     def f(*args: Any, **kwargs: Any) -> Any:
         return Weird()
 
-    assert isinstance(f(Weird(), {1, 2}, loop, b"\xff", Broken(), float("nan"), key=Path("/x")), Weird)
+    assert isinstance(f(Weird(), {1, 2}, loop, b"\xff", Broken(), float("nan"), where=Path("/x")), Weird)
     pre = load(capsules(repo)[0] / "pre-run-info.json")
     post = load(capsules(repo)[0] / "post-run-info.json")
     assert pre["args"][0] == "Weird()" and pre["args"][1] == "{1, 2}" and pre["args"][3] == "b'\\xff'"
     assert pre["args"][2] == [1, "<recursive reference>"] and "repr() raised RuntimeError" in pre["args"][4]
-    assert pre["args"][5] == "nan" and pre["kwargs"] == {"key": "/x"} and post["return_value"] == "Weird()"
+    assert pre["args"][5] == "nan" and pre["kwargs"] == {"where": "/x"} and post["return_value"] == "Weird()"
 
 
 def test_many_calls_in_one_second_each_get_a_capsule(repo: Path) -> None:
