@@ -2665,6 +2665,8 @@ def rerun_capsule(
             scratch = scratch_directory(project.root)
             root = stack.enter_context(rebuilt_worktree(record, source=source, scratch=scratch))
             _restore_inputs(record, root)
+            if withheld := [path for g in record.context.get("git", {}).values() for path in g.get("withheld", {})]:
+                say(f"capsula: not restored, withheld as secrets: {', '.join(withheld)}; --here reruns with yours")
         for specs in items.values():
             for spec in specs:
                 confined(root, spec.path, what=f"{record.name}: pre.items")
@@ -2830,6 +2832,8 @@ def _verify(args: argparse.Namespace, record: Record) -> list[Finding]:
     moved = [p for p, e in record.context.get("files", {}).items() if e and e.get("moved")]
     for path in moved:
         print(f"capsula: note: {path}: moved into the capsule when captured; not compared", file=sys.stderr)
+    for path in (path for g in record.context.get("git", {}).values() for path in g.get("withheld", {})):
+        print(f"capsula: note: {path}: withheld as a secret when captured; compared by its hash", file=sys.stderr)
     return verify_capsule(record, root=root, scratch=scratch_directory(project.root))
 
 

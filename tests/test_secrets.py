@@ -190,3 +190,15 @@ def test_environment_values_and_decorator_arguments_lose_their_credentials(repo:
     pre, post = load(latest / "pre-run-info.json"), load(latest / "post-run-info.json")
     assert pre["args"] == ["db", "<redacted>"] and pre["kwargs"] == {"api_key": "<redacted>", "retries": 2}
     assert post["return_value"] == {"host": "db", "token": "<redacted>"}
+
+
+def test_rerun_and_verify_say_which_withheld_files_they_could_not_restore(repo: Path) -> None:
+    (repo / ".env").write_text("X=1\n")
+    assert run_capsula("monitor", "true", cwd=repo).returncode == 0
+    verify = run_capsula("verify", "latest", cwd=repo)
+    assert verify.returncode == 0 and ".env: withheld as a secret" in verify.stderr.decode()
+    (repo / ".env").write_text("X=2\n")
+    verify = run_capsula("verify", "latest", cwd=repo)
+    assert verify.returncode == 1 and "withheld..env.sha256" in verify.stdout.decode()
+    rerun = run_capsula("rerun", "latest", cwd=repo)
+    assert "not restored, withheld as secrets: .env" in rerun.stderr.decode()
