@@ -1915,6 +1915,7 @@ class _Tee:
         self.size = 0
         self.error: str | None = None
         self.show = True
+        self.reader_gone = False  # what read our own fd closed it (`| head`): so is the command's
         self.in_kernel = hasattr(os, "splice") and hasattr(os, "sendfile")
 
     def pump(self, buffer: memoryview) -> int:
@@ -1930,11 +1931,17 @@ class _Tee:
                 if n and self.show:
                     self._show_saved(self.size, n)
                 self.size += n
-                return n
+                return 0 if self.reader_gone else n
         n = os.readv(self.src, [buffer])
         if n:
             self.feed(buffer[:n])
-        return n
+        return 0 if self.reader_gone else n
+
+    def _lost(self, exc: OSError) -> None:
+        """Our own fd failed: stop showing; a closed reader ends the stream, as the command
+        would see without Capsula."""
+        self.show = False
+        self.reader_gone = exc.errno == errno.EPIPE
 
     def _show_saved(self, offset: int, count: int) -> None:
         assert self.file_fd is not None
@@ -1945,16 +1952,16 @@ class _Tee:
         except OSError:  # an O_APPEND or closed stdout: copy through memory, or stop showing
             try:
                 _write_all(self.out_fd, os.pread(self.file_fd, count, offset))
-            except OSError:
-                self.show = False
+            except OSError as exc:
+                self._lost(exc)
 
     def feed(self, data: memoryview) -> None:
         self.size += len(data)
         if self.show:
             try:
                 _write_all(self.out_fd, data)
-            except OSError:  # our own stdout went away (a closed pipe): keep saving
-                self.show = False
+            except OSError as exc:
+                self._lost(exc)
         if self.file_fd is not None:
             try:
                 _write_all(self.file_fd, data)
@@ -1968,6 +1975,9 @@ class _Tee:
         if self.file_fd is not None:
             os.close(self.file_fd)
             self.file_fd = None
+        if self.src >= 0:  # the command's next write then fails with SIGPIPE, as without us
+            os.close(self.src)
+            self.src = -1
 
     def text(self) -> tuple[str, bool]:
         """The saved output as text (its last TEXT_LIMIT bytes) and whether it was cut."""
@@ -2046,7 +2056,8 @@ def _pump(pid: int, tees: Sequence[_Tee]) -> tuple[int, Any]:
                     exited_at = time.monotonic()
                 elif not open_streams[fd].pump(view):  # the end of that stream
                     poller.unregister(fd)
-                    del open_streams[fd]
+                    if (ended := open_streams.pop(fd)).reader_gone:
+                        ended.close()
             if status is None and pidfd is None:
                 done, st, ru = reap(pid, os.WNOHANG)
                 if done:
@@ -2066,13 +2077,17 @@ class RunResult(NamedTuple):
     run_time: float = 0.0
     error: str | None = None  # why it could not run, or what of its output could not be saved
     resource_usage: dict[str, float] | None = None
-    streams: tuple[tuple[str, bool, int], ...] = ()  # stdout, stderr: (text of the end, cut, bytes)
+    streams: tuple[tuple[str, bool, int, bool], ...] = ()  # stdout, stderr: (end text, cut, bytes, reader gone)
 
     def fields(self) -> dict[str, JSON]:
         """post-run-info.json's keys for the run (after 0.0.19's stdout, stderr, exit_code)."""
         out: dict[str, JSON] = {}
-        for key, (text, cut, size) in zip(("stdout", "stderr"), self.streams or (("", False, 0),) * 2, strict=True):
+        for key, (text, cut, size, gone) in zip(
+            ("stdout", "stderr"), self.streams or (("", False, 0, False),) * 2, strict=True
+        ):
             out[key], out[f"{key}_truncated"], out[f"{key}_bytes"] = text, cut, size
+            if gone:  # `capsula monitor CMD | head`: the reader closed it, and so the command saw it closed
+                out[f"{key}_closed_by_reader"] = True
         signal = None if self.signal_number is None else signal_name(self.signal_number)
         usage = cast("dict[str, JSON] | None", self.resource_usage)
         out.update(signal=signal, signal_number=self.signal_number, error=self.error, resource_usage=usage)
@@ -2114,8 +2129,8 @@ def run_command(
             with contextlib.suppress(ChildProcessError):  # already reaped, before the failure
                 reap(pid)
         router.child_pgid = None
-        os.close(out_r)
-        os.close(err_r)
+        for fd in (out_r, err_r)[len(tees) :]:  # a tee, once made, closes its own
+            os.close(fd)
         for tee in tees:
             tee.close()
     code = os.waitstatus_to_exitcode(status)
@@ -2128,7 +2143,7 @@ def run_command(
         run_time=time.perf_counter() - start,
         error=" ".join(tee.error for tee in tees if tee.error) or None,
         resource_usage=usage,
-        streams=tuple((*tee.text(), tee.size) for tee in tees),
+        streams=tuple((*tee.text(), tee.size, tee.reader_gone) for tee in tees),
     )
 
 
@@ -2992,10 +3007,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if fast is not None:
             return _cmd_monitor(fast)
         args = _build_parser(command).parse_args(argv[1:] if command else argv)
-        return int(args.handler(args))
+        code = int(args.handler(args))
+        sys.stdout.flush()
+        return code
     except CapsulaError as exc:
         print(f"capsula: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `capsula list | head`: the reader has what it wanted, as with `ls | head`
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 128 + signal.SIGPIPE
+    except OSError as exc:  # `capsula list > /dev/full`
+        if exc.filename is not None:
+            raise
+        print(f"capsula: error: cannot write the output: {user_error_text(exc)}", file=sys.stderr)
+        return 1
     except (Interrupted, KeyboardInterrupt) as exc:  # Ctrl-C in list, show, diff ...: no traceback
         return 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
 
@@ -3009,7 +3035,7 @@ def cli() -> NoReturn:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-    except (OSError, ValueError):  # a closed pipe: what the interpreter itself would exit with
+    except (OSError, ValueError):  # main() said what failed; a closed stderr cannot be told
         code = code or 120
     os._exit(code)
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import CAPSULA, REPO, git, only_capsule
+from conftest import CAPSULA, REPO, git, load, only_capsule, run_capsula
 
 import capsula
 
@@ -87,3 +88,36 @@ def test_monitor_fast_path_parses_like_argparse(argv: list[str]) -> None:
 @pytest.mark.parametrize("argv", [["-h"], ["-iname", "cmd"], ["--bogus", "cmd"], ["-i"], []])
 def test_monitor_fast_path_leaves_the_unusual_to_argparse(argv: list[str]) -> None:
     assert capsula._monitor_args(argv) is None
+
+
+def _closed_pipe_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    """Run capsula with stdout a pipe whose reader has already gone (`| head` that is done)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, str(CAPSULA), *args], cwd=cwd, stdout=write, stderr=subprocess.PIPE)
+    finally:
+        os.close(write)
+
+
+def test_a_closed_or_full_stdout_is_no_traceback(repo: Path) -> None:
+    for _ in range(2):
+        assert run_capsula("monitor", "-q", "echo", "x", cwd=repo).returncode == 0
+    for args in (["list"], ["show", "latest"], ["diff", "latest", "latest~1"], ["list", "--json"]):
+        result = _closed_pipe_run(args, repo)
+        assert result.returncode == 141 and result.stderr == b"", (args, result.stderr)
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run([sys.executable, str(CAPSULA), "list"], cwd=repo, stdout=full, stderr=subprocess.PIPE)
+    assert result.returncode == 1
+    assert result.stderr.decode() == "capsula: error: cannot write the output: No space left on device\n"
+
+
+def test_monitor_ends_as_the_bare_pipeline_when_its_reader_goes(repo: Path) -> None:
+    script = f'"{sys.executable}" "{CAPSULA}" monitor -q -- yes | head -1; echo "${{PIPESTATUS[@]}}"'
+    result = subprocess.run(["bash", "-c", script], cwd=repo, capture_output=True, timeout=30)
+    bare = subprocess.run(["bash", "-c", 'yes | head -1; echo "${PIPESTATUS[@]}"'], capture_output=True)
+    assert result.stdout == bare.stdout == b"y\n141 0\n"
+    (capsule,) = (repo / "vault").iterdir()
+    post = load(capsule / "post-run-info.json")
+    assert post["signal"] == "SIGPIPE" and post["stdout_closed_by_reader"] is True
+    assert (capsule / "stdout.txt").stat().st_size == post["stdout_bytes"] > 0
