@@ -1969,12 +1969,15 @@ class _Tee:
                 self.error = (
                     f"{self.path.name} is incomplete after {self.size - len(data)} bytes: {user_error_text(exc)}"
                 )
-                self.close()
+                self.close_file()
 
-    def close(self) -> None:
+    def close_file(self) -> None:
         if self.file_fd is not None:
             os.close(self.file_fd)
             self.file_fd = None
+
+    def close(self) -> None:
+        self.close_file()
         if self.src >= 0:  # the command's next write then fails with SIGPIPE, as without us
             os.close(self.src)
             self.src = -1
