@@ -2403,7 +2403,18 @@ def list_capsules(vault: Path) -> list[dict[str, JSON]]:
     """Every capsule in the vault, newest first."""
     host, boot = hostname(), read_boot_id()
     rows = [summarize(vault / name, host=host, boot_id=boot) for name in list_capsule_names(vault)]
-    return sorted(rows, key=lambda r: (str(r["started"] or ""), str(r["name"])), reverse=True)
+    return sorted(rows, key=lambda r: (instant(r["started"]), str(r["name"])), reverse=True)
+
+
+def instant(timestamp: object) -> float:
+    """When a recorded local time (with its UTC offset, as written) happened, in seconds since
+    the epoch, so that hosts in other time zones and daylight-saving changes sort right."""
+    import datetime
+
+    try:
+        return datetime.datetime.fromisoformat(str(timestamp)).timestamp()
+    except ValueError:
+        return float("-inf")
 
 
 def resolve_capsule(spec: str, vault: Path) -> Path:

@@ -253,3 +253,22 @@ environment-variables = ['MODE']
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
     assert "reproduced identically" in result.stdout.decode()
     assert (project / "inputs" / "table.csv").read_text() == "changed since\n"  # the user's copy is untouched
+
+
+def test_latest_and_list_order_capsules_by_the_instant_they_started(tmp_path: Path) -> None:
+    vault = tmp_path / "vault"
+    started = {  # names and local clocks disagree with the instants
+        "a-tokyo": "2026-03-29T10:30:00+09:00",  # 01:30 UTC
+        "b-london-before-dst": "2026-03-29T00:59:00+00:00",  # 00:59 UTC
+        "c-london-after-dst": "2026-03-29T02:01:00+01:00",  # 01:01 UTC
+        "d-newyork": "2026-03-28T21:45:00-04:00",  # 01:45 UTC: the newest
+    }
+    for name, when in started.items():
+        (vault / name).mkdir(parents=True)
+        (vault / name / "capsule.json").write_text(
+            json.dumps({"kind": "capture", "status": "completed", "started": when})
+        )
+    rows = json.loads(ok(run_capsula("list", "--vault", str(vault), "--json", cwd=tmp_path)))
+    assert [r["name"] for r in rows] == ["d-newyork", "a-tokyo", "c-london-after-dst", "b-london-before-dst"]
+    shown = ok(run_capsula("show", "latest", "--vault", str(vault), cwd=tmp_path))
+    assert shown.splitlines()[0].endswith("d-newyork")
