@@ -1699,7 +1699,7 @@ def list_capsule_names(vault: Path) -> list[str]:
 class Capsule:
     """A capsule being written: its directory, settings and what is known so far."""
 
-    __slots__ = ("config", "context", "manifest", "path", "warnings")
+    __slots__ = ("config", "context", "manifest", "missing", "path", "warnings")
 
     def __init__(self, *, path: Path, config: Config, manifest: Manifest | None = None) -> None:
         self.path = path
@@ -1707,6 +1707,7 @@ class Capsule:
         self.context: ContextRecord = {}
         self.manifest: Manifest = manifest if manifest is not None else {}
         self.warnings: list[str] = []
+        self.missing: list[str] = []  # what the context could not record
 
     def write(self, name: str, record: object) -> None:
         write_json(self.path / name, record)
@@ -1828,19 +1829,33 @@ def capture(
                 )
         collect_context(capsule, environ, cwd=cwd, runner=runner)
         error = file_errors(context.get("files", {}))
+        capsule.missing = missing_from(context)
     except BaseException as exc:
         status = INTERRUPTED if isinstance(exc, (Interrupted, KeyboardInterrupt)) else FAILED
         _close_context(capsule, status=status, error=str(exc) or type(exc).__name__)
         raise
-    status, _ = settle(incomplete=error is not None)
-    _close_context(capsule, status=status, error=error)
+    for what in capsule.missing:  # said at once; the run goes on, and its capsule says what is missing
+        warn(f"the record is incomplete: {what}")
+    status, _ = settle(incomplete=bool(error or capsule.missing))
+    _close_context(capsule, status=status, error=error or "; ".join(capsule.missing) or None)
     if error:
         raise CaptureError(f"{error}; check free space and permissions (the capsule {path} is marked {status})")
     git = {n: {"sha": g.get("sha"), "dirty": g.get("dirty")} for n, g in context.get("git", {}).items()}
     capsule.manifest["git"] = cast("dict[str, dict[str, JSON]]", git)
     if kind == "capture":
-        capsule.write_manifest(status=status, finished=now().isoformat())
+        capsule.write_manifest(status=status, finished=now().isoformat(), error="; ".join(capsule.missing) or None)
     return capsule
+
+
+def missing_from(context: ContextRecord) -> list[str]:
+    """What a collector could not record (git missing, an unreadable repository, a diff
+    that could not be written, CPU facts or packages that failed), one line each."""
+    missing = [f"git {name}: {entry['error']}" for name, entry in context.get("git", {}).items() if "error" in entry]
+    for key in ("cpu", "packages"):
+        value = context.get(key)
+        if isinstance(value, dict) and "error" in value:
+            missing.append(f"{key}: {value['error']}")
+    return missing
 
 
 def _close_context(capsule: Capsule, *, status: str, error: str | None) -> None:
@@ -2212,7 +2227,7 @@ def monitor_command(
         files: dict[str, FileRecord | None] = {}
         with contextlib.suppress(Interrupted), router.interruptible():  # what is stored so far is recorded
             capture_items(capsule, items, into=files)
-        error = " ".join(filter(None, [run.error, file_errors(files)])) or None
+        error = "; ".join(filter(None, [run.error, file_errors(files), *capsule.missing])) or None
         status, code = settle(
             exit_code=run.exit_code, signal=run.signal_number, interrupted_by=router.received, incomplete=bool(error)
         )
@@ -2368,9 +2383,10 @@ def _finish_function(
     code = outcome.code if isinstance(outcome, SystemExit) else None
     exit_code = code if isinstance(code, int) else (0 if code is None else 1)
     raised = type(outcome).__name__ if outcome is not None else None
-    status, _ = settle(exit_code=exit_code, raised=raised, incomplete=error is not None)
+    missing = "; ".join(filter(None, [error, *capsule.missing])) or None
+    status, _ = settle(exit_code=exit_code, raised=raised, incomplete=missing is not None)
     info = _exception_info(outcome) if outcome is not None else None
-    ended = {"return_value": value, "exception_info": cast("JSON", info)}
+    ended = {"return_value": value, "exception_info": cast("JSON", info), "error": missing}
     finish_run(capsule, run_time=run_time, files=files, ended=ended, status=status)
 
 
@@ -2760,7 +2776,9 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         except Interrupted as exc:
             return settle(interrupted_by=exc.signum)[1]
     print(capsule.path)
-    return 0
+    if capsule.missing:
+        print(f"capsula: error: the record is incomplete ({'; '.join(capsule.missing)})", file=sys.stderr)
+    return 1 if capsule.missing else 0
 
 
 class MonitorArgs(NamedTuple):

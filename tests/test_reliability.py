@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -258,7 +259,8 @@ def test_full_disk_at_capture_is_an_error_and_nothing_runs(repo: Path, tmp_path:
     )
     assert (repo / "big.txt").stat().st_size == 2 << 20  # the source is intact
     err = result.stderr.decode()
-    assert result.returncode == 1 and err.count("\n") == 1
+    # one line for the error, after one for each other thing the record lacks (here: the diff)
+    assert result.returncode == 1 and all(line.startswith("capsula: ") for line in err.splitlines())
     assert "could not store big.txt (File too large)" in err and "Traceback" not in err
     capsule = only_capsule(repo / "vault")
     # the capture itself went well, but its record lacks a file: incomplete, and said so
@@ -297,3 +299,27 @@ def test_huge_file_is_hashed_in_constant_memory(repo: Path) -> None:
 
 def test_repo_check_uses_the_real_capsula(repo: Path) -> None:
     assert Path(capsula.__file__).resolve() == (REPO / "capsula.py").resolve()
+
+
+def test_a_record_that_lacks_git_is_incomplete_said_at_once_and_listed(repo: Path, tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"  # a PATH with sh but no git
+    bin_dir.mkdir()
+    (bin_dir / "sh").symlink_to(shutil.which("sh") or "/bin/sh")
+    env = {**os.environ, "PATH": str(bin_dir)}
+    capture = subprocess.run([sys.executable, str(CAPSULA), "capture"], cwd=repo, capture_output=True, env=env)
+    err = capture.stderr.decode()
+    assert capture.returncode == 1 and "the record is incomplete: git project" in err and "Traceback" not in err
+    context = load(Path(capture.stdout.decode().strip()) / "context.json")
+    assert context["status"] == "incomplete" and "git project" in context["error"]
+    monitor = subprocess.run(
+        [sys.executable, str(CAPSULA), "monitor", "-q", "--", "/bin/echo", "ran"],
+        cwd=repo,
+        capture_output=True,
+        env=env,
+    )
+    assert monitor.returncode == 1 and monitor.stdout == b"ran\n"  # the command still ran
+    assert "the record is incomplete: git project" in monitor.stderr.decode()
+    rows = json.loads(
+        subprocess.run([sys.executable, str(CAPSULA), "list", "--json"], cwd=repo, capture_output=True).stdout
+    )
+    assert [r["status"] for r in rows] == ["incomplete", "incomplete"]
