@@ -1312,9 +1312,8 @@ def collect_git(
         for key, _, url in (rec.decode(errors="replace").partition("\n") for rec in remotes.split(b"\0") if rec)
     ]
     entry["root_in_repo"] = os.path.relpath(root, top)
-    inside = os.path.relpath(config.vault, top) + "/"
     gone = {os.path.relpath(os.path.normpath(root / f.path), top) for f in config.files if f.move}
-    listed = [u for u in untracked_now if not (u + "/").startswith(inside) and u not in gone]
+    listed = [u for u in untracked_now if u not in gone and not _in_vault(top / u, config.vault, top)]
     withheld = [u for u in listed if is_secret_file(u, config.secret_files)]
     untracked = [u for u in listed if u not in withheld and _untracked_size(top / u) <= UNTRACKED_LIMIT]
     entry["untracked"] = listed
@@ -1331,6 +1330,17 @@ def collect_git(
     except (CaptureError, OSError) as exc:
         entry["error"] = f"cannot write {diff_path.name}: {exc}"
     return entry
+
+
+def _in_vault(path: Path, vault: Path, top: Path) -> bool:
+    """Whether an untracked file belongs to the vault, never to a diff: anything in a vault
+    inside the work tree; in a vault that is the work tree or holds it, the capsules."""
+    rel = os.path.relpath(path, vault)
+    if rel.startswith(".."):
+        return False
+    if is_inside(vault, top):
+        return True
+    return any((vault / rel.split(os.sep, 1)[0] / name).is_file() for name in (MANIFEST, CONTEXT))
 
 
 def _sha256(path: Path) -> str | None:

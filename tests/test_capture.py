@@ -413,3 +413,37 @@ def test_git_started_outside_our_working_directory_is_reaped_by_capsula_alone(
         capsule = capsula.capture(config)
         gc.collect()  # a collected Popen must not reap the next capture's git before Capsula does
         assert load(capsule.path / "context.json")["git"]["project"]["branch"] == "main"
+
+
+@pytest.mark.parametrize("how", ["vault-is-root", "root-through-link", "decorator-through-link"])
+def test_the_vault_is_never_in_a_diff_and_the_root_is_its_real_path(repo: Path, tmp_path: Path, how: str) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(repo)
+    if how == "vault-is-root":
+        write_config(repo, "[capture]\nvault-directory = '.'\n")
+    (repo / "untracked.txt").write_text("mine\n")
+    capsules = []
+    (repo / "job.py").write_text("import capsula\n\n@capsula.monitor\ndef job() -> int:\n    return 1\n")
+    git(repo, "add", "job.py")
+    git(repo, "commit", "-qm", "job")
+    capsules = []
+    for _ in range(3):
+        if how == "decorator-through-link":  # the function's source file is found through the link
+            code = f"import sys; sys.path.insert(0, {str(link)!r}); import job; job.job()"
+            subprocess.run(
+                [sys.executable, "-c", code], cwd=tmp_path, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+            )
+            capsules = sorted((repo / "vault").iterdir())
+        else:
+            result = run_capsula("capture", "-C", str(link), cwd=tmp_path)
+            assert result.returncode == 0, result.stderr
+            capsules.append(Path(result.stdout.decode().strip()))
+    vault = repo if how == "vault-is-root" else repo / "vault"
+    assert len(capsules) == 3
+    for capsule in capsules:
+        assert capsule.parent == vault  # by its real path
+        diff = (capsule / "project.diff").read_text()
+        assert "untracked.txt" in diff and "context.json" not in diff and "capsule.json" not in diff
+        context = load(capsule / "context.json")
+        assert context["root_directory"] == str(repo) and list(context["git"]) == ["project"]
+        assert not [u for u in context["git"]["project"]["untracked"] if "capsule" in u or "context" in u]
