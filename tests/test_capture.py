@@ -422,7 +422,7 @@ def test_the_vault_is_never_in_a_diff_and_the_root_is_its_real_path(repo: Path, 
     if how == "vault-is-root":
         write_config(repo, "[capture]\nvault-directory = '.'\n")
     (repo / "untracked.txt").write_text("mine\n")
-    capsules = []
+    capsules: list[Path] = []
     (repo / "job.py").write_text("import capsula\n\n@capsula.monitor\ndef job() -> int:\n    return 1\n")
     git(repo, "add", "job.py")
     git(repo, "commit", "-qm", "job")
