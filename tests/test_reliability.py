@@ -323,3 +323,54 @@ def test_a_record_that_lacks_git_is_incomplete_said_at_once_and_listed(repo: Pat
         subprocess.run([sys.executable, str(CAPSULA), "list", "--json"], cwd=repo, capture_output=True).stdout
     )
     assert [r["status"] for r in rows] == ["incomplete", "incomplete"]
+
+
+def test_a_file_through_a_linked_folder_is_copied_never_moved(repo: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"  # a cluster's shared folder, linked into the project
+    shared.mkdir()
+    (shared / "x.txt").write_text("shared data\n")
+    (repo / "data").symlink_to(shared)
+    write_config(repo, '[capture.files]\n"data/x.txt" = { move = true }\n')
+    result = run_capsula("capture", cwd=repo)
+    assert result.returncode == 0 and "not moved" in result.stderr.decode()
+    capsule = Path(result.stdout.decode().strip())
+    assert (shared / "x.txt").read_text() == "shared data\n"  # still there
+    assert (capsule / "data" / "x.txt").read_text() == "shared data\n"
+    entry = load(capsule / "context.json")["files"]["data/x.txt"]
+    assert entry["copied"] is True and "moved" not in entry
+
+
+def test_a_signal_during_capture_keeps_the_files_stored_and_names_the_signal(repo: Path) -> None:
+    for i in range(3):
+        (repo / f"in{i}.txt").write_text(f"{i}\n")
+    os.mkfifo(repo / "pipe")  # copying it blocks in open(): the capture is mid-way
+    files = "".join(f'"in{i}.txt" = {{ copy = true }}\n' for i in range(3))
+    write_config(repo, f'[capture.files]\n{files}"pipe" = {{ copy = true }}\n')
+    proc = subprocess.Popen([sys.executable, str(CAPSULA), "capture"], cwd=repo, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while not list((repo / "vault").glob("*/in2.txt")):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 143
+    capsule = only_capsule(repo / "vault")
+    context = load(capsule / "context.json")
+    assert context["status"] == "interrupted" and context["error"] == "interrupted by SIGTERM"
+    assert [context["files"][f"in{i}.txt"]["file_hash"] is not None for i in range(3)] == [True] * 3
+
+
+def test_verify_works_on_a_read_only_vault(repo: Path) -> None:
+    assert run_capsula("monitor", "-q", "true", cwd=repo).returncode == 0
+    vault = repo / "vault"
+    modes = {p: p.stat().st_mode for p in [vault, *vault.rglob("*")]}
+    for p in modes:
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        before = {p: p.stat().st_mtime_ns for p in vault.rglob("*")}
+        result = run_capsula("verify", "latest", cwd=repo)
+        assert result.returncode == 0 and b"matches" in result.stdout, result.stderr
+        assert {p: p.stat().st_mtime_ns for p in vault.rglob("*")} == before  # not a byte written (root or not)
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
