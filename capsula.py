@@ -2229,6 +2229,7 @@ def monitor_command(
             pre["rerun_of"] = rerun_of
         capsule.write(PRE_RUN, pre)
         capsule.write_manifest(command=list(shown), items=list(items), rerun_of=rerun_of)
+        reserve_room(capsule)
         env = {**environ, "CAPSULE_DIR": str(capsule.path), "CAPSULA_CAPSULE_NAME": capsule.path.name}
         if router.received is None:
             run = run_command(args, cwd=cwd, env=env, capsule=capsule.path, router=router)
@@ -2251,26 +2252,48 @@ def _items(config: Config, items: Sequence[str]) -> dict[str, Sequence[FileSpec]
     return {name: config.items[name] for name in items}
 
 
+RESERVE = ".reserve"  # room kept in a capsule during a run, for its last records on a full disk
+RESERVED_BYTES = 256 << 10
+
+
+def reserve_room(capsule: Capsule) -> None:
+    """Take room for the run's last records now: if the run fills the disk, freeing it lets
+    post-run-info.json and capsule.json still say how the run ended."""
+    with contextlib.suppress(OSError):
+        fd = os.open(capsule.path / RESERVE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, RESERVED_BYTES)  # real blocks, not a sparse file
+        finally:
+            os.close(fd)
+
+
 def finish_run(
     capsule: Capsule, *, run_time: float, files: dict[str, FileRecord | None], ended: dict[str, JSON], status: str
 ) -> None:
-    """Write post-run-info.json and close capsule.json. On a full disk the record is kept
-    without the inline output text (all of it is in stdout.txt and stderr.txt)."""
+    """Write post-run-info.json and close capsule.json. On a full disk the reserved room is
+    freed, and the record is kept without the inline output text (all of it that could be
+    saved is in stdout.txt and stderr.txt)."""
     post = post_run_record(capsule.config.root, run_time, files=files, ended=ended, status=status)
     if capsule.warnings:
         post["warnings"] = list(capsule.warnings)
     try:
         capsule.write(POST_RUN, post)
     except VaultError as exc:
+        with contextlib.suppress(OSError):
+            (capsule.path / RESERVE).unlink()
         post.update({"stdout": "", "stderr": "", "error": f"{post.get('error') or ''} {exc}".strip()})
         capsule.write(POST_RUN, post)
-    capsule.write_manifest(
-        status=status,
-        finished=post["timestamp"],
-        exit_code=post.get("exit_code"),
-        run_time=post["run_time_seconds"],
-        error=post.get("error") or (post.get("exception_info") or {"error_type": None}).get("error_type"),
-    )
+    try:
+        capsule.write_manifest(
+            status=status,
+            finished=post["timestamp"],
+            exit_code=post.get("exit_code"),
+            run_time=post["run_time_seconds"],
+            error=post.get("error") or (post.get("exception_info") or {"error_type": None}).get("error_type"),
+        )
+    finally:
+        with contextlib.suppress(OSError):
+            (capsule.path / RESERVE).unlink()
 
 
 # === Decorator ================================================================
@@ -2358,6 +2381,7 @@ def monitor(
             pre.update({"args": shown, "kwargs": cast("dict[str, JSON]", jsonable(kwargs, hide=hide))})
             capsule.write(PRE_RUN, pre)
             capsule.write_manifest(function=f"{fn.__module__}.{fn.__qualname__}", items=list(items))
+            reserve_room(capsule)
             token = _CURRENT_CAPSULE.set(capsule.path)
             start = time.perf_counter()
             outcome: BaseException | None = None

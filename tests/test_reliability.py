@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -374,3 +375,32 @@ def test_verify_works_on_a_read_only_vault(repo: Path) -> None:
     finally:
         for p, mode in modes.items():
             p.chmod(mode)
+
+
+@pytest.fixture
+def small_vault(tmp_path: Path) -> Iterator[Path]:
+    """A vault on a 1 MiB filesystem of its own (a tmpfs; needs root and mount)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip() or 'not root'}")
+    try:
+        yield mount / "vault"
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_vault_that_fills_during_the_run_still_says_how_it_ended(repo: Path, small_vault: Path) -> None:
+    write_config(repo, f'[capture]\nvault-directory = "{small_vault}"\n')
+    code = "import sys; sys.stdout.write('x' * (3 << 20)); sys.exit(3)"
+    result = run_capsula("monitor", "--", sys.executable, "-c", code, cwd=repo)
+    assert result.returncode == 3 and len(result.stdout) == 3 << 20  # the terminal got it all
+    assert "No space left on device" in result.stderr.decode() and b"Traceback" not in result.stderr
+    capsule = only_capsule(small_vault)
+    post = load(capsule / "post-run-info.json")
+    assert post["exit_code"] == 3 and post["status"] == "failed" and "incomplete" in post["error"]
+    assert load(capsule / "capsule.json")["status"] == "failed"
+    (row,) = json.loads(run_capsula("list", "--json", "--vault", str(small_vault), cwd=repo).stdout)
+    assert row["status"] == "failed" and row["exit_code"] == 3  # not "died"
+    assert not (capsule / ".reserve").exists()
