@@ -957,8 +957,8 @@ class Record(NamedTuple):
 
     def output(self, name: str) -> bytes:
         try:
-            return (self.path / name).read_bytes()
-        except OSError:  # 0.0.19 kept the text only in post-run-info.json
+            return self.inside(name, what=name).read_bytes()  # a link out of the capsule is refused
+        except (OSError, VaultError):  # 0.0.19 kept the text only in post-run-info.json
             return str(self.post.get(name.split(".")[0], "")).encode()
 
     def diff_files(self) -> dict[str, bytes]:
@@ -972,7 +972,7 @@ class Record(NamedTuple):
 
 def read_part(path: Path, name: str, problems: list[str]) -> dict[str, Any]:
     """One JSON file of a capsule, checked against its shape; {} when absent or unreadable."""
-    data = read_json(path / name)
+    data = read_json(path / name) if is_inside(name, path, real=True) else None  # not through a link out
     if data is None:
         if os.path.lexists(path / name):
             problems.append(f"{name} is not valid JSON (or larger than {JSON_READ_LIMIT >> 20} MiB); ignored")
@@ -1265,7 +1265,8 @@ def git_start(
         code, out, err = finish()
         if code not in (0, ok):
             msg = err.decode(errors="replace").strip().splitlines()
-            raise CaptureError(f"git {args[0]} failed in {repo}: {msg[-1] if msg else code}")
+            why = redact_text(msg[-1], DEFAULT_SECRET_PATTERNS) if msg else code  # git quotes remote URLs
+            raise CaptureError(f"git {args[0]} failed in {repo}: {why}")
         return out
 
     return stdout

@@ -219,3 +219,17 @@ def test_no_process_outlives_its_test() -> None:
 def _parents(pid: int) -> list[int]:
     with open(f"/proc/{pid}/stat") as f:
         return [int(f.read().rsplit(")", 1)[1].split()[1])]
+
+
+def test_a_capsule_file_linked_out_of_the_capsule_is_not_read(repo: Path, tmp_path: Path) -> None:
+    assert run_capsula("monitor", "-q", "echo", "mine", cwd=repo).returncode == 0
+    (capsule,) = (repo / "vault").iterdir()
+    outside = tmp_path / "private.txt"
+    outside.write_text("not yours\n")
+    (capsule / "stdout.txt").unlink()
+    (capsule / "stdout.txt").symlink_to(outside)
+    (capsule / "capsule.json").unlink()
+    (capsule / "capsule.json").symlink_to(outside)
+    for args in (["show", capsule.name], ["diff", capsule.name, capsule.name]):
+        result = run_capsula(*args, cwd=repo)
+        assert b"not yours" not in result.stdout + result.stderr and b"Traceback" not in result.stderr
