@@ -2740,8 +2740,8 @@ def rerun_capsule(
             root = project.root
         else:
             name, repo = _code_repo(record)
-            source = old_root / repo.get("path", ".")
-            source = source if source.is_dir() else project.root
+            # The code is rebuilt from this project's repository, never one the capsule names.
+            source = confined(project.root, repo.get("path", "."), what=f"{record.name}: git.{name}.path")
             scratch = scratch_directory(project.root)
             root = stack.enter_context(rebuilt_worktree(record, source=source, scratch=scratch))
             _restore_inputs(record, root)
@@ -2905,12 +2905,11 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace, record: Record) -> list[Finding]:
-    """verify_capsule() on the recorded root where it still is, else the current project's."""
+    """verify_capsule() on the current project, never a folder the capsule names."""
     project = _project_and_vault(args)[0]
-    root = Path(record.context.get("root_directory", ""))
-    if not record.context.get("root_directory") or not root.is_dir():
-        warn(f"{record.name} was made in {root}, which is not here; comparing with {project.root}")
-        root = project.root
+    root = project.root
+    if record.context.get("root_directory", str(root)) != str(root):
+        warn(f"{record.name} was made in {record.context.get('root_directory')}; comparing with {root}")
     moved = [p for p, e in record.context.get("files", {}).items() if e and e.get("moved")]
     for path in moved:
         print(f"capsula: note: {path}: moved into the capsule when captured; not compared", file=sys.stderr)

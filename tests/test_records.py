@@ -233,3 +233,23 @@ def test_a_capsule_file_linked_out_of_the_capsule_is_not_read(repo: Path, tmp_pa
     for args in (["show", capsule.name], ["diff", capsule.name, capsule.name]):
         result = run_capsula(*args, cwd=repo)
         assert b"not yours" not in result.stdout + result.stderr and b"Traceback" not in result.stderr
+
+
+def test_a_capsule_naming_another_repository_never_reaches_it(repo: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    git(other, "init", "-q")
+    (other / "f").write_text("x\n")
+    git(other, "add", ".")
+    git(other, "commit", "-qm", "other")
+    assert run_capsula("monitor", "-q", "true", cwd=repo).returncode == 0
+    (capsule,) = (repo / "vault").iterdir()
+    context = load(capsule / "context.json")
+    context["root_directory"] = str(other)
+    context["git"]["project"]["path"] = "../other"
+    (capsule / "context.json").write_text(json.dumps(context))
+    before = sorted(p.name for p in (other / ".git").rglob("*"))
+    for args in (["rerun", capsule.name], ["verify", capsule.name]):
+        result = run_capsula(*args, cwd=repo)
+        assert b"Traceback" not in result.stderr, result.stderr
+    assert sorted(p.name for p in (other / ".git").rglob("*")) == before  # not a worktree, not an index
