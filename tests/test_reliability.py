@@ -245,7 +245,7 @@ def test_full_disk_during_the_run_is_reported_and_loses_no_source_file(repo: Pat
     assert len(result.stdout) == 64 << 16  # the terminal still got everything
     assert (capsule / "stdout.txt").stat().st_size <= 1 << 20
     post = load(capsule / "post-run-info.json")
-    assert "incomplete" in post["error"] and post["exit_code"] == 0
+    assert "incomplete" in post["error"] and post["exit_code"] == 0 and post["status"] == "incomplete"
     assert (capsule / "data.txt").read_text() == "input data\n"  # moved by rename, whole
 
 
