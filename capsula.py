@@ -128,6 +128,31 @@ DEFAULT_SECRET_FILES = tuple(
 )
 
 
+LOG_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50, "NOTSET": 0}
+_log_level = 30  # what Capsula says on stderr: WARNING in Python (as a library's logger); the CLI sets it
+
+
+def set_log_level(name: str) -> None:
+    """-l/--log-level: at INFO and below, Capsula says what it ran, stored and wrote."""
+    global _log_level
+    if name.upper() not in LOG_LEVELS:
+        raise ConfigError(f"unknown log level {name!r}; use one of {', '.join(LOG_LEVELS)} (any case)")
+    _log_level = LOG_LEVELS[name.upper()]
+
+
+def say(message: str, *, level: int = 20) -> None:
+    """Tell the user on stderr, at INFO unless told otherwise, when the log level lets it."""
+    if level >= _log_level:
+        print(f"capsula: {message}", file=sys.stderr)
+
+
+def warn(message: str, warnings: list[str] | None = None) -> None:
+    """Tell the user on stderr, and keep the warning for the capsule."""
+    say(f"warning: {message}", level=30)
+    if warnings is not None:
+        warnings.append(message)
+
+
 def now() -> datetime.datetime:
     """The current time, aware, in the local time zone (as 0.0.19 did)."""
     import datetime
@@ -466,13 +491,13 @@ class FileSpec(NamedTuple):
 
 
 class Config(NamedTuple):
-    """The effective configuration: every key has a default."""
+    """The effective configuration: every key has a default, 0.0.19's where it had one."""
 
     root: Path
     source: Path | None = None
     vault_directory: str = "vault"
     capsule_template: str = "%Y%m%d_%H%M%S"
-    include_cpu: bool = False
+    include_cpu: bool = True
     include_packages: bool = False
     pre_capture_commands: tuple[str, ...] = ()
     environment_variables: tuple[str, ...] = ()
@@ -608,7 +633,7 @@ def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> 
         source=source,
         vault_directory=vault,
         capsule_template=template,
-        include_cpu=cap.get("include-cpu", False),
+        include_cpu=cap.get("include-cpu", True),
         include_packages=cap.get("include-packages", False),
         pre_capture_commands=tuple(cap.get("pre-capture-commands", ())),
         environment_variables=tuple(cap.get("environment-variables", ())),
@@ -1176,13 +1201,6 @@ def wait_all(waits: Sequence[Callable[[], bytes]]) -> list[bytes]:
 # === Collectors ===============================================================
 
 
-def warn(message: str, warnings: list[str] | None = None) -> None:
-    """Tell the user on stderr, and keep the warning for the capsule."""
-    print(f"capsula: warning: {message}", file=sys.stderr)
-    if warnings is not None:
-        warnings.append(message)
-
-
 def collect_platform() -> dict[str, JSON]:
     """Platform and Python facts, under 0.0.19's keys and in its order. They do not change
     while the machine is up, so the host cache keeps them (platform.processor() spawns
@@ -1685,6 +1703,8 @@ def capture_file(
             entry["moved" if move else "copied"] = True
         elif spec.hash:
             entry["file_hash"] = hash_file(src, spec.hash)
+        how = "moved" if entry.get("moved") else "copied" if entry.get("copied") else "hashed"
+        say(f"stored {spec.path}: {how}, {spec.hash} {entry.get('file_hash')}")
     except OSError as exc:  # the file exists but could not be stored: the caller fails the capsule
         entry["error"] = user_error_text(exc)
     return entry
@@ -1832,6 +1852,7 @@ def capture(
         for command in config.pre_capture_commands:
             record = run_pre_capture_command(command, cwd=config.root, env=child_env, patterns=config.secret_patterns)
             commands.append(record)
+            say(f"pre-capture command {command!r} ended with exit code {record['exit_code']}")
             if record["exit_code"] != 0:
                 stderr = " ".join(record["stderr"].split())[-300:] or "(no stderr)"
                 raise CaptureError(
@@ -2721,12 +2742,10 @@ def compare_runs(old: Record, new: Record) -> list[Finding]:
     return findings + text_diff(old.output(STDOUT), new.output(STDOUT), STDOUT, limit=40)
 
 
-def rerun_capsule(
-    record: Record, *, project: Config, here: bool = False, say: Callable[[str], None] = print
-) -> tuple[int, Record | None, list[Finding]]:
+def rerun_capsule(record: Record, *, project: Config, here: bool = False) -> tuple[int, Record | None, list[Finding]]:
     """Run a command capsule again as a new monitored run; (exit code, new capsule,
-    differences). Every path the capsule names is checked before it is used, and
-    ``say`` is told what runs where before it does."""
+    differences). Every path the capsule names is checked before it is used, and what
+    runs where is said before it does."""
     args = rerun_args(record)
     old_root = Path(record.context.get("root_directory", str(project.root)))
     rel_cwd = os.path.relpath(record.pre.get("cwd", str(old_root)), old_root)
@@ -2746,7 +2765,7 @@ def rerun_capsule(
             root = stack.enter_context(rebuilt_worktree(record, source=source, scratch=scratch))
             _restore_inputs(record, root)
             if withheld := [path for g in record.context.get("git", {}).values() for path in g.get("withheld", {})]:
-                say(f"capsula: not restored, withheld as secrets: {', '.join(withheld)}; --here reruns with yours")
+                warn(f"not restored, withheld as secrets: {', '.join(withheld)}; --here reruns with yours")
         for specs in items.values():
             for spec in specs:
                 confined(root, spec.path, what=f"{record.name}: pre.items")
@@ -2762,8 +2781,8 @@ def rerun_capsule(
             raise CapsulaError(f"the recorded working directory {cwd} does not exist; create it, then rerun")
         config = load_config(root)._replace(vault_directory=str(record.path.parent), items=items)
         for command in config.pre_capture_commands:
-            say(f"capsula: pre-capture command (from the rebuilt tree's config): {command}")
-        say(f"capsula: rerunning {record.name}: {' '.join(args)}  (in {cwd})")
+            say(f"pre-capture command (from the rebuilt tree's config): {command}", level=30)
+        say(f"rerunning {record.name}: {' '.join(args)}  (in {cwd})", level=30)
         environ, name = recorded_environ(record), record.name
         code, capsule = monitor_command(args, config=config, items=list(items), rerun_of=name, cwd=cwd, environ=environ)
     if capsule is None:
@@ -2811,35 +2830,25 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         except Interrupted as exc:
             return settle(interrupted_by=exc.signum)[1]
     print(capsule.path)
+    say(f"capsule {capsule.path}")
     if capsule.missing:
         print(f"capsula: error: the record is incomplete ({'; '.join(capsule.missing)})", file=sys.stderr)
     return 1 if capsule.missing else 0
 
 
-class MonitorArgs(NamedTuple):
-    """`capsula monitor`'s arguments, from _monitor_args() or from argparse."""
-
-    command: list[str]
-    directory: str | None = None
-    items: Sequence[str] = ()
-    quiet: bool = False
-
-
-def _cmd_monitor(args: argparse.Namespace | MonitorArgs) -> int:
-    if not isinstance(args, MonitorArgs):
-        args = MonitorArgs(list(args.command), args.directory, list(args.item), args.quiet)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else list(args.command)
     if not command:
         raise ConfigError("no command to monitor; usage: capsula monitor [-i ITEM]... [--] COMMAND [ARGS...]")
     config = load_config(args.directory)
-    code, capsule = monitor_command(command, config=config, items=args.items)
+    code, capsule = monitor_command(command, config=config, items=args.item)
     if capsule is not None:
         error = capsule.manifest.get("error")
         if error:
             hint = "check the spelling and PATH" if code in (126, 127) else "check free space and permissions"
             print(f"capsula: error: {error}; {hint} (recorded in {capsule.path})", file=sys.stderr)
-        elif not args.quiet:
-            print(f"capsula: capsule {capsule.path}", file=sys.stderr)
+        else:
+            say(f"capsule {capsule.path}")
     return code
 
 
@@ -2932,8 +2941,7 @@ def _cmd_rerun(args: argparse.Namespace) -> int:
         lines = format_findings(_verify(args, record), old=" (capsule)", new=" (now)")
         said = ["the current environment differs from the capsule:", *lines] if lines else []
         print("\n".join(said or [f"the environment matches {record.name}"]), file=sys.stderr)
-    say = functools.partial(print, file=sys.stderr)
-    code, new, findings = rerun_capsule(record, project=_project_and_vault(args)[0], here=args.here, say=say)
+    code, new, findings = rerun_capsule(record, project=_project_and_vault(args)[0], here=args.here)
     name = new.name if new else "-"
     if not findings:
         print(f"reproduced identically: {name} matches {record.name} (exit code, output files, stdout)")
@@ -3006,9 +3014,13 @@ _COMMANDS = {
 }
 
 
+_GLOBAL_OPTIONS = {"-C": "directory", "--directory": "directory", "-l": "log_level", "--log-level": "log_level"}
+
+
 def _build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; with ``only``, just that subcommand's (argparse is slow to build,
-    and `capsula monitor` should cost little more than the command it runs)."""
+    and `capsula monitor` should cost little more than the command it runs). -C and -l are
+    taken before the subcommand, as 0.0.19 takes them, and after it."""
     import argparse
 
     def formatter(prog: str) -> argparse.HelpFormatter:
@@ -3019,9 +3031,17 @@ def _build_parser(only: str | None = None) -> argparse.ArgumentParser:
             columns = 80
         return argparse.HelpFormatter(prog, width=columns - 2)
 
+    def add_global_options(p: argparse.ArgumentParser) -> None:
+        # default=SUPPRESS: one given before the subcommand is not undone by the subcommand's parser
+        help_c, levels = "the folder holding capsula.toml (default: upward)", ", ".join(LOG_LEVELS)
+        p.add_argument("-C", "--directory", metavar="DIR", help=help_c, default=argparse.SUPPRESS)
+        help_l = f"how much to say on stderr: {levels} (any case; default INFO)"
+        p.add_argument("-l", "--log-level", metavar="LEVEL", help=help_l, default=argparse.SUPPRESS)
+
     description = __doc__.splitlines()[0] if __doc__ else None
     parser = argparse.ArgumentParser(prog="capsula", description=description, formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"capsula {__version__}")
+    add_global_options(parser)
     sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND") if only is None else None
     for name, command in _COMMANDS.items():
         if only is not None and name != only:
@@ -3030,7 +3050,7 @@ def _build_parser(only: str | None = None) -> argparse.ArgumentParser:
             p = sub.add_parser(name, help=command.help, description=command.help, formatter_class=formatter)
         else:  # alone: the same parser as `capsula NAME ...` would reach, without building the rest
             p = argparse.ArgumentParser(prog=f"capsula {name}", description=command.help, formatter_class=formatter)
-        p.add_argument("-C", "--directory", metavar="DIR", help="the folder holding capsula.toml (default: upward)")
+        add_global_options(p)
         if command.reads_vault:
             p.add_argument("--vault", metavar="DIR", help="the vault to read (default: the config's)")
         if command.arguments:
@@ -3041,38 +3061,57 @@ def _build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _monitor_args(argv: list[str]) -> MonitorArgs | None:
+def _leading_options(argv: list[str], names: Mapping[str, str]) -> tuple[dict[str, list[str]], list[str]]:
+    """The options at the front of argv that take a value (``-C DIR``, ``--directory=DIR``),
+    by their destination, and what follows them."""
+    given: dict[str, list[str]] = {}
+    while argv:
+        name, eq, value = argv[0].partition("=")
+        if name not in names or (not eq and len(argv) < 2):
+            break
+        given.setdefault(names[name], []).append(value if eq else argv[1])
+        argv = argv[1 if eq else 2 :]
+    return given, argv
+
+
+def _monitor_args(argv: list[str]) -> argparse.Namespace | None:
     """`capsula monitor`'s usual arguments, parsed without argparse: it is slow to import
     and build, and this is the command whose overhead matters. Anything unusual (help,
     ``-iNAME``, a typo) returns None, for argparse to parse and explain."""
-    directory, items, quiet = None, [], False
-    rest = iter(enumerate(argv))
-    for i, arg in rest:
-        name, eq, value = arg.partition("=")
-        if name in ("-C", "--directory", "-i", "--item") and (eq or i + 1 < len(argv)):
-            value = value if eq else next(rest)[1]
-            if name in ("-C", "--directory"):
-                directory = value
-            else:
-                items.append(value)
-        elif arg in ("-q", "--quiet"):
-            quiet = True
-        elif arg.startswith("-") and arg != "--":
-            return None
-        else:
-            return MonitorArgs(argv[i:], directory, items, quiet)
-    return None
+    import types
+
+    names = {**_GLOBAL_OPTIONS, "-i": "item", "--item": "item"}
+    given: dict[str, list[str]] = {}
+    quiet, rest = False, argv
+    while True:
+        more, rest = _leading_options(rest, names)
+        for key, values in more.items():
+            given.setdefault(key, []).extend(values)
+        if rest[:1] not in (["-q"], ["--quiet"]):
+            break
+        quiet, rest = True, rest[1:]
+    if not rest or (rest[0].startswith("-") and rest[0] != "--"):
+        return None
+    values = {key: given.get(key, [None])[-1] for key in ("directory", "log_level")}
+    # argparse's Namespace is a plain attribute bag; argparse itself costs more to import
+    return cast(
+        "argparse.Namespace",
+        types.SimpleNamespace(command=rest, item=given.get("item", []), quiet=quiet, handler=_cmd_monitor, **values),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in _COMMANDS else None
     try:
+        before, argv = _leading_options(argv, _GLOBAL_OPTIONS)  # `capsula -C DIR -l INFO capture`, as 0.0.19
+        command = argv[0] if argv and argv[0] in _COMMANDS else None
         fast = _monitor_args(argv[1:]) if command == "monitor" else None
-        if fast is not None:
-            return _cmd_monitor(fast)
-        args = _build_parser(command).parse_args(argv[1:] if command else argv)
+        args = fast or _build_parser(command).parse_args(argv[1:] if command else argv)
+        for key in ("directory", "log_level"):  # what follows the subcommand wins
+            if getattr(args, key, None) is None:
+                setattr(args, key, before.get(key, [None])[-1])
+        set_log_level(args.log_level or ("WARNING" if getattr(args, "quiet", False) else "INFO"))
         code = int(args.handler(args))
         sys.stdout.flush()
         return code

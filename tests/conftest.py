@@ -24,6 +24,18 @@ REFERENCE_VAULT = Path(__file__).resolve().parent / "fixtures" / "capsula-0.0.19
 sys.path.insert(0, str(REPO))
 
 
+@pytest.fixture(scope="session")
+def _shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("capsula-cache")
+
+
+@pytest.fixture(autouse=True)
+def _one_cache_for_the_session(monkeypatch: pytest.MonkeyPatch, _shared_cache: Path) -> None:
+    """CPU facts are recorded by default (as in 0.0.19) and cost py-cpuinfo's one-second
+    probe once per cache: one cache for the whole run, as CAPSULA_CACHE_DIR lets a user share."""
+    monkeypatch.setenv("CAPSULA_CACHE_DIR", str(_shared_cache))
+
+
 @pytest.fixture(autouse=True)
 def _git_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """Commits work on a fresh machine with no git config."""

@@ -313,7 +313,10 @@ def test_include_packages_records_installed_distributions(repo: Path, tmp_path: 
     )
 
 
-def test_cpu_and_platform_facts_are_cached_per_boot_and_the_clock_is_fresh(repo: Path) -> None:
+def test_cpu_and_platform_facts_are_cached_per_boot_and_the_clock_is_fresh(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CAPSULA_CACHE_DIR")  # the default place: .capsula_cache in the root
     if capsula.read_boot_id() is None:
         pytest.skip("no boot id on this system")
     write_config(repo, "[capture]\ninclude-cpu = true\n")

@@ -71,18 +71,15 @@ def test_version_is_a_literal_for_flit() -> None:
         ["-i", "a", "--item", "b", "--item=c", "-q", "cmd", "-q"],
         ["-C", "some/dir", "--directory=other", "cmd"],
         ["--quiet", "--", "--weird-command"],
+        ["-l", "debug", "-q", "-C", "d", "python", "x.py", "-C", "3", "-l", "x"],
     ],
 )
 def test_monitor_fast_path_parses_like_argparse(argv: list[str]) -> None:
     fast = capsula._monitor_args(argv)
     slow = capsula._build_parser("monitor").parse_args(argv)
     assert fast is not None
-    assert (fast.directory, fast.items, fast.quiet, fast.command) == (
-        slow.directory,
-        slow.item,
-        slow.quiet,
-        slow.command,
-    )
+    keys = ("directory", "item", "quiet", "command", "log_level")
+    assert [getattr(fast, k, None) for k in keys] == [getattr(slow, k, None) for k in keys]
 
 
 @pytest.mark.parametrize("argv", [["-h"], ["-iname", "cmd"], ["--bogus", "cmd"], ["-i"], []])

@@ -126,7 +126,7 @@ def test_git_path_that_is_not_a_repository_is_refused(tmp_path: Path) -> None:
 
 def test_every_key_has_a_default(tmp_path: Path) -> None:
     config = capsula.parse_config({}, root=tmp_path, source=None)
-    assert (config.vault_directory, config.capsule_template, config.include_cpu) == ("vault", "%Y%m%d_%H%M%S", False)
+    assert (config.vault_directory, config.capsule_template, config.include_cpu) == ("vault", "%Y%m%d_%H%M%S", True)
 
 
 def test_the_sample_projects_config_in_a_copy(tmp_path: Path) -> None:
@@ -151,7 +151,8 @@ def test_the_config_is_what_its_file_says_every_time(repo: Path, file: str) -> N
     assert all((p / "context.json").is_file() for p in runs.iterdir()), list(runs.iterdir())
 
 
-def test_the_vault_holds_capsule_directories_only(repo: Path) -> None:
+def test_the_vault_holds_capsule_directories_only(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CAPSULA_CACHE_DIR")  # the default place: .capsula_cache in the root
     write_config(repo, "[capture]\ninclude-cpu = true\n")
     for _ in range(2):
         assert run_capsula("capture", cwd=repo).returncode == 0
@@ -167,7 +168,8 @@ def test_the_vault_holds_capsule_directories_only(repo: Path) -> None:
     assert not [line for line in untracked if "capsula_cache" in line]
 
 
-def test_an_invalid_config_creates_nothing(repo: Path) -> None:
+def test_an_invalid_config_creates_nothing(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CAPSULA_CACHE_DIR")
     write_config(repo, "[capture]\ninclude-cpu = 3\n")
     assert run_capsula("capture", cwd=repo).returncode == 2
     assert not (repo / "vault").exists() and not (repo / ".capsula_cache").exists()

@@ -190,7 +190,7 @@ def test_rerun_refuses_paths_a_capsule_points_outside_its_places(repo: Path) -> 
         assert "outside" in err.splitlines()[-1], (what, err)
         assert victim.read_text() == "mine\n", what
         (capsule / name).write_text(original[name])
-    assert not [p for p in (repo / ".capsula_cache").iterdir() if p.name.startswith("rerun-")]
+    assert not [p for p in Path(os.environ["CAPSULA_CACHE_DIR"]).iterdir() if p.name.startswith("rerun-")]
     worktrees = git(repo, "worktree", "list", "--porcelain").count("worktree ")
     assert worktrees == 1  # only the user's own
 

@@ -75,6 +75,7 @@ def test_nothing_is_written_outside_the_root_and_the_vault(repo: Path, tmp_path:
     (repo / "input.txt").write_text("untracked input\n")
     write_config(repo, "[capture]\ninclude-cpu = true\n")
     env = {**os.environ, "HOME": str(home), "TMPDIR": str(tmp), "XDG_CACHE_HOME": str(home / ".cache")}
+    env.pop("CAPSULA_CACHE_DIR")  # the default: the cache is in the root
     for args in (
         ["capture"],
         ["monitor", "true"],
