@@ -3092,12 +3092,10 @@ def _monitor_args(argv: list[str]) -> argparse.Namespace | None:
         quiet, rest = True, rest[1:]
     if not rest or (rest[0].startswith("-") and rest[0] != "--"):
         return None
-    values = {key: given.get(key, [None])[-1] for key in ("directory", "log_level")}
+    last: dict[str, str | None] = {key: given[key][-1] if key in given else None for key in ("directory", "log_level")}
     # argparse's Namespace is a plain attribute bag; argparse itself costs more to import
-    return cast(
-        "argparse.Namespace",
-        types.SimpleNamespace(command=rest, item=given.get("item", []), quiet=quiet, handler=_cmd_monitor, **values),
-    )
+    args = types.SimpleNamespace(command=rest, item=given.get("item", []), quiet=quiet, handler=_cmd_monitor, **last)
+    return cast("argparse.Namespace", args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
