@@ -976,6 +976,11 @@ class Record(NamedTuple):
             return str(kind)
         return "function" if "function_name" in self.pre else ("command" if "args" in self.pre else "capture")
 
+    @property
+    def legacy(self) -> bool:
+        """Written by Capsula 0.0.19 (no capsule.json, no capsula_version)."""
+        return not self.manifest and "capsula_version" not in self.context
+
     def inside(self, rel: object, *, what: str) -> Path:
         """A file of this capsule named by the capsule itself."""
         return confined(self.path, rel, what=f"{self.name}: {what}")
@@ -1235,11 +1240,16 @@ def collect_environment(
             matched = sorted(k for k in environ if fnmatch.fnmatchcase(k, name))
         else:
             matched = [name]
-        for key in matched:
-            value = environ.get(key)
-            secret = value is not None and key not in allow and is_secret_name(key, patterns)
-            out[key] = REDACTED if secret else value if value is None or key in allow else redact_text(value, patterns)
+        out |= {key: redact_value(key, environ.get(key), patterns=patterns, allow=allow) for key in matched}
     return out
+
+
+def redact_value(key: str, value: str | None, *, patterns: Sequence[str], allow: Sequence[str]) -> str | None:
+    """An environment value as recorded: redacted when its name looks secret, else without
+    the credentials in it (an allowed name keeps its value as it is)."""
+    if value is None or key in allow:
+        return value
+    return REDACTED if is_secret_name(key, patterns) else redact_text(value, patterns)
 
 
 def parse_git_status(out: bytes) -> tuple[str | None, str | None, int, list[str]]:
@@ -2586,12 +2596,24 @@ def text_diff(a: bytes, b: bytes, label: str, *, limit: int = 200) -> list[Findi
     return [Finding(label, len(a), len(b), tuple(lines[:limit] + cut))]
 
 
+def as_redacted(record: Record) -> ContextRecord:
+    """A recorded context with its environment values redacted as Capsula records them now
+    (with the capsule's own [redact] settings): a value 0.0.19 kept in clear is compared as
+    redacted, not reported as changed."""
+    recorded = record.context.get("config", {})
+    patterns = cast("list[str]", recorded.get("secret_patterns", DEFAULT_SECRET_PATTERNS))
+    allow = cast("list[str]", recorded.get("secret_allow", []))
+    env = record.context.get("environment_variables", {})
+    kept = {k: redact_value(k, v, patterns=patterns, allow=allow) for k, v in env.items()}
+    return {**record.context, "environment_variables": kept}
+
+
 def diff_capsules(a: Record, b: Record, *, ignore: Sequence[str] = ()) -> list[Finding]:
     """Every difference between two capsules that is not ignored; empty when they match."""
     ignore = (*DEFAULT_IGNORES, *ignore)
 
     def fields(r: Record) -> dict[Key, object]:
-        return {**flatten(r.context, ("context",)), **flatten(r.pre, ("pre",)), **flatten(r.post, ("post",))}
+        return {**flatten(as_redacted(r), ("context",)), **flatten(r.pre, ("pre",)), **flatten(r.post, ("post",))}
 
     findings = compare_fields(fields(a), fields(b), ignore)
     da, db = a.diff_files(), b.diff_files()
@@ -2647,12 +2669,18 @@ def verify_capsule(record: Record, *, root: Path, scratch: Path, runner: Runner 
         now_ctx = Capsule(path=Path(tmp), config=config)
         collect_context(now_ctx, os.environ, cwd=root, runner=runner, in_place=True)
         now_diffs = Record(Path(tmp), {}, now_ctx.context, {}, {}).diff_files()
-    fa, fb = flatten(record.context, ("context",)), flatten(now_ctx.context, ("context",))
+    fa, fb = flatten(as_redacted(record), ("context",)), flatten(now_ctx.context, ("context",))
     moved = {p for p, e in record.context.get("files", {}).items() if e and e.get("moved")}
     wanted = [k for k in set(fa) | set(fb) if _verified(k) and not (k[1] == "files" and k[2] in moved)]
+    if record.legacy:  # what 0.0.19 did not record cannot have changed
+        wanted = [k for k in wanted if k in fa]
     findings = compare_fields({k: fa.get(k, ABSENT) for k in wanted}, {k: fb.get(k, ABSENT) for k in wanted})
     for name, patch in record.diff_files().items():
-        if patch != now_diffs.get(name, b""):
+        now_patch = now_diffs.get(name, b"")
+        if record.legacy:  # 0.0.19 kept the unstaged changes alone, without the final newline
+            path = confined(root, record.context.get("git", {}).get(name, {}).get("path", "."), what="git path")
+            now_patch = run_git(runner, path, "diff", "--no-color", "--no-ext-diff", env=git_environment(os.environ))
+        if patch.rstrip(b"\n") != now_patch.rstrip(b"\n"):
             what = f"git.{name}: the uncommitted changes differ from the capsule's {name}.diff"
             findings.append(Finding(f"git.{name}.diff", detail=(what,)))
     return findings
@@ -2697,7 +2725,11 @@ def rebuilt_worktree(record: Record, *, source: Path, scratch: Path, runner: Run
     try:
         run_git(runner, source, "worktree", "add", "--detach", "--quiet", str(tree), str(repo.get("sha")), env=env)
         patch = record.inside(repo.get("diff_file", f"{name}.diff"), what=f"git.{name}.diff_file")
-        if patch.is_file() and patch.stat().st_size:
+        text = patch.read_bytes() if patch.is_file() else b""
+        if text and not text.endswith(b"\n"):  # 0.0.19 wrote its diffs without the last newline
+            patch = tmp / patch.name
+            patch.write_bytes(text + b"\n")
+        if text:
             run_git(runner, tree, "apply", "--binary", "--whitespace=nowarn", str(patch), env=env)
         yield confined(tree, repo.get("root_in_repo", "."), what=f"{record.name}: git.{name}.root_in_repo")
     finally:
@@ -2749,9 +2781,15 @@ def rerun_capsule(record: Record, *, project: Config, here: bool = False) -> tup
     args = rerun_args(record)
     old_root = Path(record.context.get("root_directory", str(project.root)))
     rel_cwd = os.path.relpath(record.pre.get("cwd", str(old_root)), old_root)
+    recorded_items = record.pre.get("items")
+    if recorded_items is None:  # 0.0.19 did not say which items ran: record the outputs it kept
+        outputs: dict[str, dict[str, JSON]] = {
+            path: {"hash": (e or {}).get("hash_algorithm")} for path, e in record.post.get("files", {}).items()
+        }
+        recorded_items = {"outputs": outputs} if outputs else {}
     items = {
         name: file_specs(files, where=f"pre.items.{name}", source=record.name, root=project.root)
-        for name, files in cast("dict[str, dict[str, Any]]", record.pre.get("items", {})).items()
+        for name, files in cast("dict[str, dict[str, Any]]", recorded_items).items()
         if isinstance(files, dict)
     }
     with contextlib.ExitStack() as stack:
