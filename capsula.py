@@ -728,9 +728,16 @@ RESERVED = frozenset({CONTEXT, PRE_RUN, POST_RUN, MANIFEST, STDOUT, STDERR})
 # Statuses as a capsule records them, and (the last two) as `list` reads a capsule: one
 # still "running" whose Capsula process is gone, and an old capsule that does not say.
 RUNNING, COMPLETED, FAILED, INCOMPLETE, INTERRUPTED = "running", "completed", "failed", "incomplete", "interrupted"
-DIED, UNKNOWN = "died", "unknown"
+DIED, UNKNOWN = "died", "unknown"  # and LOST, below
 KINDS = ("capture", "command", "function")
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# What a shell passes on to the command as well; these do not interrupt the run.
+PASSED_SIGNALS = tuple(
+    getattr(signal, n)
+    for n in ("SIGUSR1", "SIGUSR2", "SIGWINCH", "SIGALRM", "SIGQUIT", "SIGCONT")
+    if hasattr(signal, n)
+)
+LOST, HEARTBEAT_SECONDS = "lost", 30.0  # a run elsewhere whose capsule.json has not said it lives for 3 beats
 
 if TYPE_CHECKING:
 
@@ -792,6 +799,7 @@ if TYPE_CHECKING:
         capsula_version: str
         host: str
         pid: int
+        pid_start: int | None
         boot_id: str | None
 
     class PreRunRecord(Who, total=False):
@@ -831,6 +839,8 @@ if TYPE_CHECKING:
 
     class Manifest(Who, total=False):
         status: str
+        heartbeat: str  # while the run lasts: when its Capsula last said it lives
+        heartbeat_seconds: float
         started: str
         finished: str
         git: dict[str, dict[str, JSON]]  # name -> {sha, dirty}
@@ -849,12 +859,14 @@ _FILE_SHAPE |= {"copied": bool, "moved": bool, "symlink": str}
 _GIT_SHAPE = {"path": str, "sha": (str, None), "branch": (str, None), "root_in_repo": str, "diff_file": str}
 _GIT_SHAPE |= {"dirty": bool, "untracked": [str], "remotes": [{"name": str, "url": str}]}
 _GIT_SHAPE |= {"withheld": {"*": {"size": int, "sha256": (str, None)}}}
-_WHO_SHAPE = {"kind": str, "host": str, "pid": int, "boot_id": (str, None), "capsula_version": str}
+_WHO_SHAPE = {"kind": str, "host": str, "pid": int, "pid_start": (int, None), "boot_id": (str, None)}
+_WHO_SHAPE |= {"capsula_version": str}
 _SHAPES: dict[str, Any] = {
     MANIFEST: {
         **_WHO_SHAPE,
         **{"status": str, "started": str, "finished": str, "exit_code": (int, None), "run_time": (float, None)},
         **{"command": [str], "function": str, "rerun_of": (str, None), "error": (str, None), "items": [str]},
+        **{"heartbeat": str, "heartbeat_seconds": float},
         "git": {"*": {"sha": (str, None), "dirty": bool}},
     },
     CONTEXT: {
@@ -914,8 +926,19 @@ def settle(
 
 def whoami() -> dict[str, JSON]:
     """Who writes this capsule: enough to tell later a run still going from one whose
-    Capsula process died (same host and boot, pid gone)."""
-    return {"capsula_version": __version__, "host": hostname(), "pid": os.getpid(), "boot_id": read_boot_id()}
+    Capsula process died (same host and boot, pid gone or reused for another process)."""
+    who: dict[str, JSON] = {"capsula_version": __version__, "host": hostname(), "pid": os.getpid()}
+    return who | {"pid_start": process_start(os.getpid()), "boot_id": read_boot_id()}
+
+
+def process_start(pid: int) -> int | None:
+    """When a process started, in clock ticks since boot (Linux): with its pid, it names one
+    process, never a later one that got the same pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def hostname() -> str:
@@ -1011,6 +1034,17 @@ def read_part(path: Path, name: str, problems: list[str]) -> dict[str, Any]:
     return cast("dict[str, Any]", checked) if ok else {}
 
 
+def instant(timestamp: object) -> float:
+    """When a recorded local time (with its UTC offset, as written) happened, in seconds since
+    the epoch, so that hosts in other time zones and daylight-saving changes sort right."""
+    import datetime
+
+    try:
+        return datetime.datetime.fromisoformat(str(timestamp)).timestamp()
+    except ValueError:
+        return float("-inf")
+
+
 def read_capsule(path: Path) -> Record:
     """The one reader of a capsule: each file as far as it exists and is well formed (a
     0.0.19 capsule has no capsule.json). Raises VaultError when nothing in it is readable."""
@@ -1054,19 +1088,27 @@ def _seconds(duration: object) -> float | None:
     return d * 86400 + h * 3600 + m * 60 + s
 
 
-def status_as_read(manifest: Manifest, *, host: str, boot_id: str | None) -> str:
-    """A capsule's status as `list` shows it: "died" for a run on this host whose Capsula
-    process is gone (rebooted since, or its pid no longer alive)."""
+def status_as_read(manifest: Manifest, *, host: str, boot_id: str | None, clock: float | None = None) -> str:
+    """A capsule's status as `list` shows it. A run still "running" on this host "died" when
+    it rebooted since or its Capsula process is gone (its pid free, or another process's);
+    elsewhere, it is "lost" once its heartbeat is three beats old."""
     status = manifest.get("status") or UNKNOWN
-    if status == RUNNING and manifest.get("host") == host:
-        if manifest.get("boot_id") != boot_id or not _pid_alive(manifest.get("pid")):
-            return DIED
-    return status
+    if status != RUNNING:
+        return status
+    if manifest.get("host") == host and manifest.get("boot_id") == boot_id:
+        return RUNNING if _pid_alive(manifest.get("pid"), manifest.get("pid_start")) else DIED
+    if manifest.get("host") == host and boot_id is not None:
+        return DIED  # rebooted since
+    beat = instant(manifest.get("heartbeat") or manifest.get("started"))
+    interval = manifest.get("heartbeat_seconds") or HEARTBEAT_SECONDS
+    return LOST if (time.time() if clock is None else clock) - beat > 3 * interval else RUNNING
 
 
-def _pid_alive(pid: object) -> bool:
+def _pid_alive(pid: object, start: object = None) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False
+    if isinstance(start, int) and process_start(pid) not in (None, start):
+        return False  # the pid now names another process
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -1921,17 +1963,25 @@ DRAIN_MAX = 10.0  # s: ... or that a background child keeps busy this long
 
 
 class SignalRouter:
-    """SIGINT, SIGTERM and SIGHUP while Capsula works: forwarded to the running command's
-    process group; with no command running, noted for the record, and inside
-    ``interruptible()`` (a capture, storing files) raised once as Interrupted, so that the
-    work stops and is recorded as interrupted."""
+    """Signals while Capsula works: forwarded to the running command's process group, as a
+    shell passes them on (INT, TERM, HUP, USR1, USR2, WINCH, ALRM, QUIT, CONT), and noted.
+    Only INT, TERM and HUP interrupt the run: with no command running, inside
+    ``interruptible()`` (a capture, storing files) one is raised once as Interrupted, so that
+    the work stops and is recorded as interrupted."""
 
     def __init__(self) -> None:
-        self.received: int | None = None
+        self.received: int | None = None  # the first that interrupts the run
+        self.all: list[int] = []  # every one, in order
         self.child_pgid: int | None = None
         self.raising = False
 
     def _handle(self, signum: int, frame: object) -> None:
+        self.all.append(signum)
+        if signum not in INTERRUPT_SIGNALS:
+            if self.child_pgid is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.child_pgid, signum)
+            return
         self.received = self.received or signum
         if self.child_pgid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -1951,7 +2001,7 @@ class SignalRouter:
     @contextlib.contextmanager
     def installed(self) -> Iterator[SignalRouter]:
         try:
-            old = {s: signal.signal(s, self._handle) for s in INTERRUPT_SIGNALS}
+            old = {s: signal.signal(s, self._handle) for s in (*INTERRUPT_SIGNALS, *PASSED_SIGNALS)}
         except ValueError:  # not the main thread: signals stay with the program that runs us
             yield self
             return
@@ -2138,6 +2188,7 @@ class RunResult(NamedTuple):
     error: str | None = None  # why it could not run, or what of its output could not be saved
     resource_usage: dict[str, float] | None = None
     streams: tuple[tuple[str, bool, int, bool], ...] = ()  # stdout, stderr: (end text, cut, bytes, reader gone)
+    out_of_memory: bool = False  # the kernel killed it for memory
 
     def fields(self) -> dict[str, JSON]:
         """post-run-info.json's keys for the run (after 0.0.19's stdout, stderr, exit_code)."""
@@ -2151,7 +2202,31 @@ class RunResult(NamedTuple):
         signal = None if self.signal_number is None else signal_name(self.signal_number)
         usage = cast("dict[str, JSON] | None", self.resource_usage)
         out.update(signal=signal, signal_number=self.signal_number, error=self.error, resource_usage=usage)
+        if self.out_of_memory:
+            out["out_of_memory"] = True
         return out
+
+
+def oom_kills(*, cgroups: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """How many processes the kernel has killed for memory in Capsula's cgroup (the command's
+    too): ``oom_kill`` of memory.events (cgroup v2) or memory.oom_control (v1); None where
+    no cgroup says."""
+    try:
+        lines = cgroups.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if not controllers:
+            where = root / path.lstrip("/") / "memory.events"
+        elif "memory" in controllers.split(","):
+            where = root / "memory" / path.lstrip("/") / "memory.oom_control"
+        else:
+            continue
+        with contextlib.suppress(OSError):
+            if found := re.search(r"^oom_kill (\d+)$", where.read_text(), re.MULTILINE):
+                return int(found[1])
+    return None
 
 
 def run_command(
@@ -2159,6 +2234,7 @@ def run_command(
 ) -> RunResult:
     """Run a command in its own process group, teeing its output live into the capsule."""
     tees: list[_Tee] = []
+    oom_before = oom_kills()
     start = time.perf_counter()
     (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
     try:
@@ -2197,7 +2273,9 @@ def run_command(
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in KiB on Linux, bytes on macOS
     usage = {"user_time": round(rusage.ru_utime, 6), "system_time": round(rusage.ru_stime, 6)}
     usage["max_rss_bytes"] = rusage.ru_maxrss * scale
+    oom_after = oom_kills()
     return RunResult(
+        out_of_memory=code < 0 and oom_before is not None and oom_after is not None and oom_after > oom_before,
         exit_code=128 - code if code < 0 else code,
         signal_number=-code if code < 0 else None,
         run_time=time.perf_counter() - start,
@@ -2205,6 +2283,34 @@ def run_command(
         resource_usage=usage,
         streams=tuple((*tee.text(), tee.size, tee.reader_gone) for tee in tees),
     )
+
+
+@contextlib.contextmanager
+def heartbeat(capsule: Capsule) -> Iterator[None]:
+    """While a run lasts, capsule.json says every few seconds (CAPSULA_HEARTBEAT_SECONDS, 30
+    by default) that it still does: a host that cannot see the process (a login node
+    reading a compute node's capsule) tells a live run from a lost one by it."""
+    import threading
+
+    try:
+        interval = max(float(os.environ.get("CAPSULA_HEARTBEAT_SECONDS") or HEARTBEAT_SECONDS), 0.01)
+    except ValueError:
+        interval = HEARTBEAT_SECONDS
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            with contextlib.suppress(CapsulaError):
+                capsule.write_manifest(heartbeat=now().isoformat())
+
+    capsule.write_manifest(heartbeat=now().isoformat(), heartbeat_seconds=interval)
+    thread = threading.Thread(target=beat, name="capsula-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:  # stopped before the last records, which it must never overwrite
+        stop.set()
+        thread.join()
 
 
 def check_items(config: Config, items: Sequence[str]) -> None:
@@ -2264,18 +2370,22 @@ def monitor_command(
         reserve_room(capsule)
         env = {**environ, "CAPSULE_DIR": str(capsule.path), "CAPSULA_CAPSULE_NAME": capsule.path.name}
         if router.received is None:
-            run = run_command(args, cwd=cwd, env=env, capsule=capsule.path, router=router)
+            with heartbeat(capsule):
+                run = run_command(args, cwd=cwd, env=env, capsule=capsule.path, router=router)
         else:
             run = RunResult(error="interrupted before the command started")
         files: dict[str, FileRecord | None] = {}
         with contextlib.suppress(Interrupted), router.interruptible():  # what is stored so far is recorded
             capture_items(capsule, items, into=files)
-        error = "; ".join(filter(None, [run.error, file_errors(files), *capsule.missing])) or None
+        killed = "killed for memory: the cgroup's oom_kill count rose" if run.out_of_memory else None
+        error = "; ".join(filter(None, [run.error, killed, file_errors(files), *capsule.missing])) or None
         status, code = settle(
             exit_code=run.exit_code, signal=run.signal_number, interrupted_by=router.received, incomplete=bool(error)
         )
         ended = {**run.fields(), "exit_code": code if run.exit_code is None else run.exit_code, "error": error}
         ended = {k: ended[k] for k in ("stdout", "stderr", "exit_code")} | ended  # 0.0.19's order first
+        if router.all:  # every signal Capsula passed on or noted, in order (TERM, then the KILL that ended it)
+            ended["signals_received"] = [signal_name(n) for n in router.all]
         finish_run(capsule, run_time=run.run_time, files=files, ended=ended, status=status)
         return code, capsule
 
@@ -2419,7 +2529,8 @@ def monitor(
             outcome: BaseException | None = None
             result: Any = None
             try:
-                result = fn(*args, **kwargs)
+                with heartbeat(capsule):
+                    result = fn(*args, **kwargs)
             except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised below
                 outcome = exc
             finally:
@@ -2460,7 +2571,8 @@ def _finish_function(
 
 # Fields that differ between any two runs; `capsula diff` leaves them out.
 DEFAULT_IGNORES = (
-    *("*timestamp", "pre.pid", "pre.boot_id", "pre.rerun_of", "post.run_time_seconds", "post.resource_usage"),
+    *("*timestamp", "pre.pid", "pre.pid_start", "pre.boot_id", "pre.rerun_of", "post.run_time_seconds"),
+    "post.resource_usage",
     *("post.stdout", "post.stderr"),  # compared as stdout.txt / stderr.txt, with a unified diff
     *("context.cpu.hz_actual*", "context.pre_capture_commands.*.duration", "context.config", "context.git.*.diff_file"),
 )
@@ -2486,17 +2598,6 @@ def list_capsules(vault: Path) -> list[dict[str, JSON]]:
     host, boot = hostname(), read_boot_id()
     rows = [summarize(vault / name, host=host, boot_id=boot) for name in list_capsule_names(vault)]
     return sorted(rows, key=lambda r: (instant(r["started"]), str(r["name"])), reverse=True)
-
-
-def instant(timestamp: object) -> float:
-    """When a recorded local time (with its UTC offset, as written) happened, in seconds since
-    the epoch, so that hosts in other time zones and daylight-saving changes sort right."""
-    import datetime
-
-    try:
-        return datetime.datetime.fromisoformat(str(timestamp)).timestamp()
-    except ValueError:
-        return float("-inf")
 
 
 def resolve_capsule(spec: str, vault: Path) -> Path:

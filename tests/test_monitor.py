@@ -250,3 +250,82 @@ def test_a_failure_after_the_command_was_reaped_is_reported_as_itself(
         capsula.run_command(
             ["true"], cwd=Path.cwd(), env=dict(os.environ), capsule=tmp_path, router=capsula.SignalRouter()
         )
+
+
+def test_signals_a_shell_passes_on_reach_the_command_and_do_not_interrupt(repo: Path) -> None:
+    code = (
+        "import signal, sys, time\n"
+        "got = []\n"
+        "for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH):\n"
+        "    signal.signal(s, lambda n, f: got.append(signal.Signals(n).name))\n"
+        "print('ready', flush=True)\n"
+        "while len(got) < 3:\n"
+        "    time.sleep(0.01)\n"
+        "print(*got)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(CAPSULA), "monitor", "-q", sys.executable, "-c", code], cwd=repo, stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH):  # SLURM's --signal=B:USR1@90, a resized window
+        proc.send_signal(s)
+        time.sleep(0.1)
+    assert proc.stdout.read() == b"SIGUSR1 SIGUSR2 SIGWINCH\n" and proc.wait(timeout=20) == 0
+    post = load(only_capsule(repo / "vault") / "post-run-info.json")
+    assert post["status"] == "completed" and post["signals_received"] == ["SIGUSR1", "SIGUSR2", "SIGWINCH"]
+
+
+def test_a_term_then_kill_records_both(repo: Path) -> None:
+    code = "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(os.getpid(), flush=True)\ntime.sleep(60)\n"
+    proc = subprocess.Popen(
+        [sys.executable, str(CAPSULA), "monitor", "-q", sys.executable, "-c", code], cwd=repo, stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    proc.send_signal(signal.SIGTERM)  # the command ignores it; then the scheduler kills it
+    time.sleep(0.3)
+    (capsule,) = (repo / "vault").iterdir()
+    os.kill(child, signal.SIGKILL)
+    assert proc.wait(timeout=20) == 143
+    post = load(capsule / "post-run-info.json")
+    assert post["signals_received"] == ["SIGTERM"] and post["signal"] == "SIGKILL" and post["status"] == "interrupted"
+
+
+def test_a_run_killed_for_memory_is_recorded_as_out_of_memory(repo: Path, tmp_path: Path) -> None:
+    before = capsula.oom_kills()
+    cgroup = None
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            cgroup = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / f"capsula-test-{os.getpid()}"
+        elif not controllers and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            cgroup = Path("/sys/fs/cgroup") / path.lstrip("/") / f"capsula-test-{os.getpid()}"
+    if before is None or cgroup is None:
+        pytest.skip("no memory cgroup to read here")
+    try:
+        cgroup.mkdir()
+        limit = "memory.limit_in_bytes" if (cgroup / "memory.limit_in_bytes").exists() else "memory.max"
+        (cgroup / limit).write_text(str(96 << 20))
+    except OSError as exc:
+        pytest.skip(f"cannot make a memory-limited cgroup here: {exc}")
+    try:
+        code = "x = bytearray(400 << 20)"
+        script = f'echo $$ > {cgroup}/cgroup.procs && exec "{sys.executable}" "{CAPSULA}" monitor -q "{sys.executable}" -c "{code}"'
+        result = subprocess.run(["sh", "-c", script], cwd=repo, capture_output=True, timeout=60)
+        assert result.returncode == 137, result.stderr
+        post = load(only_capsule(repo / "vault") / "post-run-info.json")
+        assert post["out_of_memory"] is True and post["signal"] == "SIGKILL" and "memory" in post["error"]
+    finally:
+        cgroup.rmdir()
+
+
+def test_oom_kills_reads_cgroup_v1_and_v2(tmp_path: Path) -> None:
+    (tmp_path / "proc").write_text("4:memory:/job\n0::/\n")
+    (tmp_path / "memory" / "job").mkdir(parents=True)
+    (tmp_path / "memory" / "job" / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+    assert capsula.oom_kills(cgroups=tmp_path / "proc", root=tmp_path) == 3
+    (tmp_path / "proc").write_text("0::/slurm/job_7\n")
+    (tmp_path / "slurm" / "job_7").mkdir(parents=True)
+    (tmp_path / "slurm" / "job_7" / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n")
+    assert capsula.oom_kills(cgroups=tmp_path / "proc", root=tmp_path) == 1
+    assert capsula.oom_kills(cgroups=tmp_path / "missing", root=tmp_path) is None

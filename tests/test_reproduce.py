@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -272,3 +274,48 @@ def test_latest_and_list_order_capsules_by_the_instant_they_started(tmp_path: Pa
     assert [r["name"] for r in rows] == ["d-newyork", "a-tokyo", "c-london-after-dst", "b-london-before-dst"]
     shown = ok(run_capsula("show", "latest", "--vault", str(vault), cwd=tmp_path))
     assert shown.splitlines()[0].endswith("d-newyork")
+
+
+def test_a_run_elsewhere_is_running_while_its_heartbeat_lasts_then_lost(tmp_path: Path) -> None:
+    import datetime
+
+    vault = tmp_path / "vault"
+    now = datetime.datetime.now(datetime.UTC)
+    capsules: dict[str, dict[str, object]] = {
+        "beating": {"host": "compute-17", "heartbeat": now.isoformat()},
+        "silent": {"host": "compute-17", "heartbeat": (now - datetime.timedelta(minutes=10)).isoformat()},
+        # here, this boot, alive pid: but the pid now names another process
+        "reused-pid": {
+            "host": capsula.hostname(),
+            "boot_id": capsula.read_boot_id(),
+            "pid": os.getpid(),
+            "pid_start": 1,
+        },
+        "this-process": {
+            "host": capsula.hostname(),
+            "boot_id": capsula.read_boot_id(),
+            "pid": os.getpid(),
+            "pid_start": capsula.process_start(os.getpid()),
+        },
+    }
+    for name, fields in capsules.items():
+        (vault / name).mkdir(parents=True)
+        manifest = {"kind": "command", "status": "running", "started": now.isoformat(), "heartbeat_seconds": 30.0}
+        (vault / name / "capsule.json").write_text(json.dumps({**manifest, **fields}))
+    rows = json.loads(ok(run_capsula("list", "--vault", str(vault), "--json", cwd=tmp_path)))
+    status = {r["name"]: r["status"] for r in rows}
+    assert status == {"beating": "running", "silent": "lost", "reused-pid": "died", "this-process": "running"}
+
+
+def test_a_running_command_beats(project: Path) -> None:
+    env = {**os.environ, "CAPSULA_HEARTBEAT_SECONDS": "0.1"}
+    proc = subprocess.Popen([sys.executable, str(CAPSULA), "monitor", "-q", "sleep", "1"], cwd=project, env=env)
+    deadline, beats = time.monotonic() + 20, set()
+    while proc.poll() is None and time.monotonic() < deadline:
+        for capsule in (project / "vault").glob("*"):
+            with contextlib.suppress(OSError, ValueError):
+                beats.add(json.loads((capsule / "capsule.json").read_text()).get("heartbeat"))
+        time.sleep(0.05)
+    assert proc.wait() == 0 and len(beats - {None}) >= 3
+    (row,) = json.loads(ok(run_capsula("list", "--json", cwd=project)))
+    assert row["status"] == "completed"
