@@ -508,6 +508,7 @@ class Config(NamedTuple):
     secret_allow: tuple[str, ...] = ()
     secret_files: tuple[str, ...] = DEFAULT_SECRET_FILES
     redact_arguments: bool = True
+    not_in_diff: tuple[str, ...] = ()  # paths (relative to the root) left out of git's state: a run's outputs
 
     @property
     def vault(self) -> Path:
@@ -1383,7 +1384,8 @@ def collect_git(
         for key, _, url in (rec.decode(errors="replace").partition("\n") for rec in remotes.split(b"\0") if rec)
     ]
     entry["root_in_repo"] = os.path.relpath(root, top)
-    gone = {os.path.relpath(os.path.normpath(root / f.path), top) for f in config.files if f.move}
+    left_out = [f.path for f in config.files if f.move] + list(config.not_in_diff)
+    gone = {os.path.relpath(os.path.normpath(root / path), top) for path in left_out}
     listed = [u for u in untracked_now if u not in gone and not _in_vault(top / u, config.vault, top)]
     withheld = [u for u in listed if is_secret_file(u, config.secret_files)]
     untracked = [u for u in listed if u not in withheld and _untracked_size(top / u) <= UNTRACKED_LIMIT]
@@ -2739,6 +2741,7 @@ def _config_from_record(record: Record, root: Path) -> Config:
     patterns, allow = recorded.get("secret_patterns", DEFAULT_SECRET_PATTERNS), recorded.get("secret_allow", ())
     return Config(
         root,
+        not_in_diff=tuple(record.post.get("files", {})),  # the run's outputs are not drift
         environment_variables=tuple(cast("list[str]", names)),
         files=tuple(FileSpec(path, (entry or {}).get("hash_algorithm")) for path, entry in files),
         git_repositories=repos,
@@ -2772,7 +2775,8 @@ def verify_capsule(record: Record, *, root: Path, scratch: Path, runner: Runner 
         now_diffs = Record(Path(tmp), {}, now_ctx.context, {}, {}).diff_files()
     fa, fb = flatten(as_redacted(record), ("context",)), flatten(now_ctx.context, ("context",))
     moved = {p for p, e in record.context.get("files", {}).items() if e and e.get("moved")}
-    wanted = [k for k in set(fa) | set(fb) if _verified(k) and not (k[1] == "files" and k[2] in moved)]
+    outputs = set(config.not_in_diff)  # what the run wrote is not drift
+    wanted = [k for k in set(fa) | set(fb) if _verified(k) and not (k[1] == "files" and k[2] in moved | outputs)]
     if record.legacy:  # what 0.0.19 did not record cannot have changed
         wanted = [k for k in wanted if k in fa]
     findings = compare_fields({k: fa.get(k, ABSENT) for k in wanted}, {k: fb.get(k, ABSENT) for k in wanted})

@@ -319,3 +319,13 @@ def test_a_running_command_beats(project: Path) -> None:
     assert proc.wait() == 0 and len(beats - {None}) >= 3
     (row,) = json.loads(ok(run_capsula("list", "--json", cwd=project)))
     assert row["status"] == "completed"
+
+
+def test_verify_right_after_a_run_does_not_call_its_outputs_drift(repo: Path) -> None:
+    write_config(repo, '[capture.files]\n"result.txt" = {}\n[monitor.item.out.files]\n"result.txt" = {}\n')
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "config")
+    code = "open('result.txt', 'w').write('new result')"
+    ok(run_capsula("monitor", "-q", "-i", "out", sys.executable, "-c", code, cwd=repo))
+    result = run_capsula("verify", "latest", cwd=repo)  # result.txt: new, untracked, and listed as an input too
+    assert result.returncode == 0 and b"matches" in result.stdout, result.stdout
