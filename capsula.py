@@ -509,10 +509,17 @@ class Config(NamedTuple):
     secret_files: tuple[str, ...] = DEFAULT_SECRET_FILES
     redact_arguments: bool = True
     not_in_diff: tuple[str, ...] = ()  # paths (relative to the root) left out of git's state: a run's outputs
+    recorded_root: Path | None = None  # the root a capsule names, when the run is elsewhere (a rerun's tree)
 
     @property
     def vault(self) -> Path:
         return self.root / self.vault_directory
+
+    def as_recorded(self, path: Path) -> Path:
+        """A path under the root as a capsule names it: a rerun in a rebuilt tree records
+        the project's root, so that it compares with the run it repeats, and can be rerun."""
+        rel = os.path.relpath(path, self.root)
+        return path if self.recorded_root is None or rel.startswith("..") else self.recorded_root / rel
 
     def as_dict(self) -> dict[str, JSON]:
         """The settings a capsule records, so that verify and rerun can use them later
@@ -1846,7 +1853,7 @@ def collect_context(
     cpu = _collector(cpu_facts, thread=thread) if config.include_cpu else None
     packages = _collector(collect_packages, thread=thread) if config.include_packages else None
     context = capsule.context
-    context["root_directory"], context["cwd"] = str(config.root), str(cwd)
+    context["root_directory"], context["cwd"] = str(config.as_recorded(config.root)), str(config.as_recorded(cwd))
     context["platform"] = cast("dict[str, JSON]", cache.get("platform", collect_platform))
     context["environment_variables"] = collect_environment(
         config.environment_variables, environ, patterns=config.secret_patterns, allow=config.secret_allow
@@ -2361,7 +2368,8 @@ def monitor_command(
         except Interrupted as exc:
             return settle(interrupted_by=exc.signum)[1], None
         shown = redact_args(args, config.secret_patterns, config.secret_allow) if config.redact_arguments else args
-        pre = pre_run_record("command", root=config.root, cwd=cwd, started=now(), items=_items(config, items))
+        root, shown_cwd = config.as_recorded(config.root), config.as_recorded(cwd)
+        pre = pre_run_record("command", root=root, cwd=shown_cwd, started=now(), items=_items(config, items))
         pre["args"] = list(shown)
         if list(shown) != list(args):
             pre["args_redacted"] = True
@@ -2417,7 +2425,8 @@ def finish_run(
     """Write post-run-info.json and close capsule.json. On a full disk the reserved room is
     freed, and the record is kept without the inline output text (all of it that could be
     saved is in stdout.txt and stderr.txt)."""
-    post = post_run_record(capsule.config.root, run_time, files=files, ended=ended, status=status)
+    root = capsule.config.as_recorded(capsule.config.root)
+    post = post_run_record(root, run_time, files=files, ended=ended, status=status)
     if capsule.warnings:
         post["warnings"] = list(capsule.warnings)
     try:
@@ -2922,7 +2931,12 @@ def rerun_capsule(record: Record, *, project: Config, here: bool = False) -> tup
             cwd.mkdir(parents=True)
         if not cwd.is_dir():
             raise CapsulaError(f"the recorded working directory {cwd} does not exist; create it, then rerun")
-        config = load_config(root)._replace(vault_directory=str(record.path.parent), items=items)
+        repos = tuple((n, g.get("path", ".")) for n, g in record.context.get("git", {}).items())  # the names it had
+        for name, rel in repos:
+            confined(root, rel, what=f"{record.name}: git.{name}.path")
+        vault = str(record.path.parent)
+        config = load_config(root)._replace(vault_directory=vault, items=items, git_repositories=repos or None)
+        config = config._replace(recorded_root=None if here else project.root)
         for command in config.pre_capture_commands:
             say(f"pre-capture command (from the rebuilt tree's config): {command}", level=30)
         say(f"rerunning {record.name}: {' '.join(args)}  (in {cwd})", level=30)

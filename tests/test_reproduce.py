@@ -329,3 +329,20 @@ def test_verify_right_after_a_run_does_not_call_its_outputs_drift(repo: Path) ->
     ok(run_capsula("monitor", "-q", "-i", "out", sys.executable, "-c", code, cwd=repo))
     result = run_capsula("verify", "latest", cwd=repo)  # result.txt: new, untracked, and listed as an input too
     assert result.returncode == 0 and b"matches" in result.stdout, result.stdout
+
+
+def test_a_reruns_capsule_names_the_project_and_can_itself_be_rerun(repo: Path) -> None:
+    code = "import pathlib; print(sorted(p.name for p in pathlib.Path('.').iterdir() if p.suffix == '.md'))"
+    ok(run_capsula("monitor", "-q", sys.executable, "-c", code, cwd=repo))
+    first = run_capsula("rerun", "latest", cwd=repo)
+    assert first.returncode == 0 and b"reproduced identically" in first.stdout, first.stdout + first.stderr
+    rows = json.loads(ok(run_capsula("list", "--json", cwd=repo)))
+    rerun, original = rows[0]["name"], rows[1]["name"]
+    context = load(repo / "vault" / rerun / "context.json")
+    assert context["root_directory"] == str(repo) and list(context["git"]) == ["project"]
+    assert load(repo / "vault" / rerun / "pre-run-info.json")["cwd"] == str(repo)
+    diff = run_capsula("diff", original, rerun, "--ignore", "run_time", cwd=repo)
+    # the same root, repository, sha and changes; only the branch: the rerun ran detached at the sha
+    assert diff.stdout.decode().splitlines() == ['context.git.project.branch: "main" -> null'], diff.stdout
+    second = run_capsula("rerun", rerun, cwd=repo)  # a rerun of a rerun
+    assert second.returncode == 0 and b"reproduced identically" in second.stdout, second.stdout + second.stderr
