@@ -2852,6 +2852,37 @@ def rebuilt_worktree(record: Record, *, source: Path, scratch: Path, runner: Run
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+NOISE = ("__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".ipynb_checkpoints", ".DS_Store", CACHE_DIR)
+
+
+def ignored_here(project: Config, rebuilt: Path, *, runner: Runner = start_process) -> list[str]:
+    """What git ignores in the project (``data/`` in .gitignore) that the rebuilt tree lacks,
+    relative to the root; not the vault, the cache or tools' leftovers."""
+    env = git_environment(os.environ)
+    try:
+        top = Path(run_git(runner, project.root, "rev-parse", "--show-toplevel", env=env).decode().strip())
+        out = run_git(
+            runner, project.root, "status", "--porcelain=v1", "-z", "--ignored", "--untracked-files=normal", env=env
+        )
+    except (CapsulaError, OSError):
+        return []
+    lacking = []
+    for entry in out.split(b"\0"):
+        if entry.startswith(b"!! "):
+            path = os.path.relpath(top / os.fsdecode(entry[3:]), project.root) + ("/" if entry.endswith(b"/") else "")
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if (
+                path.startswith("..")
+                or name in NOISE
+                or name.endswith(".egg-info")
+                or _in_vault(project.root / path, project.vault, project.root)
+            ):
+                continue
+            if not os.path.lexists(rebuilt / path):
+                lacking.append(path)
+    return lacking
+
+
 def _restore_inputs(record: Record, root: Path) -> None:
     """Put the copied input files back in the rebuilt root, as they were when the capsule
     was made; each source inside the capsule, each destination inside the root."""
@@ -2916,6 +2947,12 @@ def rerun_capsule(record: Record, *, project: Config, here: bool = False) -> tup
             scratch = scratch_directory(project.root)
             root = stack.enter_context(rebuilt_worktree(record, source=source, scratch=scratch))
             _restore_inputs(record, root)
+            if lacking := ignored_here(project, root):
+                more = f" and {len(lacking) - 8} more" if len(lacking) > 8 else ""
+                warn(
+                    f"the rebuilt tree lacks what git ignores here: {', '.join(lacking[:8])}{more}; if the "
+                    "command needs them, list them in [capture.files] with copy = true, or rerun with --here"
+                )
             if withheld := [path for g in record.context.get("git", {}).values() for path in g.get("withheld", {})]:
                 warn(f"not restored, withheld as secrets: {', '.join(withheld)}; --here reruns with yours")
         for specs in items.values():

@@ -346,3 +346,20 @@ def test_a_reruns_capsule_names_the_project_and_can_itself_be_rerun(repo: Path) 
     assert diff.stdout.decode().splitlines() == ['context.git.project.branch: "main" -> null'], diff.stdout
     second = run_capsula("rerun", rerun, cwd=repo)  # a rerun of a rerun
     assert second.returncode == 0 and b"reproduced identically" in second.stdout, second.stdout + second.stderr
+
+
+def test_rerun_says_which_ignored_paths_the_rebuilt_tree_lacks(repo: Path) -> None:
+    (repo / ".gitignore").write_text("vault/\ndata/\n__pycache__/\n")
+    (repo / "data").mkdir()
+    (repo / "data" / "input.csv").write_text("1,2\n")
+    (repo / "__pycache__").mkdir()
+    (repo / "read.py").write_text("print(open('data/input.csv').read())\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "reader")
+    ok(run_capsula("monitor", "-q", sys.executable, "read.py", cwd=repo))
+    rerun = run_capsula("rerun", "latest", cwd=repo)
+    err = rerun.stderr.decode()
+    assert "the rebuilt tree lacks what git ignores here: data/" in err and "__pycache__" not in err, err
+    assert "copy = true" in err and "--here" in err
+    here = run_capsula("rerun", "latest~1", "--here", cwd=repo)
+    assert here.returncode == 0 and b"reproduced identically" in here.stdout, here.stdout + here.stderr
