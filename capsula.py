@@ -759,6 +759,7 @@ if TYPE_CHECKING:
         symlink: str  # a link is recorded, and stored, as a link
         note: str
         error: str  # it exists, but could not be hashed or stored
+        written_by_this_run: bool  # false: an output just as it was before the run
 
     class GitRecord(TypedDict, total=False):  # a repository in ``git`` of context.json
         path: str  # relative to the root
@@ -863,7 +864,7 @@ if TYPE_CHECKING:
 
 # What the reader checks of each file before anything uses it, in conform()'s grammar.
 _FILE_SHAPE = {"hash_algorithm": (str, None), "file_hash": (str, None), "size": int, "stored_as": str}
-_FILE_SHAPE |= {"copied": bool, "moved": bool, "symlink": str}
+_FILE_SHAPE |= {"copied": bool, "moved": bool, "symlink": str, "written_by_this_run": bool}
 _GIT_SHAPE = {"path": str, "sha": (str, None), "branch": (str, None), "root_in_repo": str, "diff_file": str}
 _GIT_SHAPE |= {"dirty": bool, "untracked": [str], "remotes": [{"name": str, "url": str}]}
 _GIT_SHAPE |= {"withheld": {"*": {"size": int, "sha256": (str, None)}}}
@@ -2334,16 +2335,66 @@ def check_items(config: Config, items: Sequence[str]) -> None:
         raise ConfigError(f"unknown item '{unknown[0]}': no [monitor.item.{unknown[0]}] in {where}; {hint}")
 
 
+def item_paths(capsule: Capsule, items: Sequence[str], env: Mapping[str, str]) -> list[tuple[FileSpec, str]]:
+    """Each file of the named items, its path's ``${VAR}`` taken from the run's environment
+    (``results/out_${SLURM_ARRAY_TASK_ID}.txt``) and a glob expanded to what it matches now."""
+    import glob
+
+    def variable(match: re.Match[str]) -> str:
+        return env.get(match[1] or match[2], match[0])
+
+    found = []
+    for spec in (spec for name in items for spec in capsule.config.items[name]):
+        path = re.sub(r"\$\{(\w+)\}|\$(\w+)", variable, spec.path)
+        if any(c in path for c in "*?["):
+            matches = sorted(glob.glob(path, root_dir=capsule.config.root, recursive=True))
+            found += [(spec, m) for m in matches] or [(spec, path)]
+        else:
+            found.append((spec, path))
+    return found
+
+
+def _stat_key(path: Path) -> tuple[int, ...] | None:
+    """What changes when a file is written: size, times, inode."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
 def capture_items(
-    capsule: Capsule, items: Sequence[str], *, into: dict[str, FileRecord | None]
+    capsule: Capsule,
+    items: Sequence[str],
+    *,
+    into: dict[str, FileRecord | None],
+    env: Mapping[str, str],
+    before: Mapping[str, tuple[int, ...] | None],
 ) -> dict[str, FileRecord | None]:
-    """Record the files of the named items after the run, each into ``into`` once stored."""
+    """Record the files of the named items after the run, each into ``into`` once stored; a
+    file just as it was before the run (``before``) is recorded as not written by it."""
     config, warnings = capsule.config, capsule.warnings
-    for spec in (spec for name in items for spec in config.items[name]):
-        into[spec.path] = capture_file(
-            spec, root=config.root, capsule=capsule.path, reserved=capsule.reserved, warnings=warnings
+    for spec, path in item_paths(capsule, items, env):
+        if (spec.copy or spec.move) and not is_inside(path, config.root):
+            warn(f"{path}: outside the root {config.root}; hashed, not stored", warnings)
+            spec = spec._replace(copy=False, move=False)
+        unchanged = before.get(path) is not None and before.get(path) == _stat_key(config.root / path)
+        entry = capture_file(
+            spec._replace(path=path),
+            root=config.root,
+            capsule=capsule.path,
+            reserved=capsule.reserved,
+            warnings=warnings,
         )
+        if entry is not None and unchanged:
+            entry["written_by_this_run"] = False
+            warn(f"{path}: not written by this run (the same size, times and inode as before it)", warnings)
+        into[path] = entry
     return into
+
+
+def items_before(capsule: Capsule, items: Sequence[str], env: Mapping[str, str]) -> dict[str, tuple[int, ...] | None]:
+    return {path: _stat_key(capsule.config.root / path) for _, path in item_paths(capsule, items, env)}
 
 
 def monitor_command(
@@ -2379,6 +2430,7 @@ def monitor_command(
         capsule.write_manifest(command=list(shown), items=list(items), rerun_of=rerun_of)
         reserve_room(capsule)
         env = {**environ, "CAPSULE_DIR": str(capsule.path), "CAPSULA_CAPSULE_NAME": capsule.path.name}
+        before = items_before(capsule, items, env)
         if router.received is None:
             with heartbeat(capsule):
                 run = run_command(args, cwd=cwd, env=env, capsule=capsule.path, router=router)
@@ -2386,7 +2438,7 @@ def monitor_command(
             run = RunResult(error="interrupted before the command started")
         files: dict[str, FileRecord | None] = {}
         with contextlib.suppress(Interrupted), router.interruptible():  # what is stored so far is recorded
-            capture_items(capsule, items, into=files)
+            capture_items(capsule, items, into=files, env=env, before=before)
         killed = "killed for memory: the cgroup's oom_kill count rose" if run.out_of_memory else None
         error = "; ".join(filter(None, [run.error, killed, file_errors(files), *capsule.missing])) or None
         status, code = settle(
@@ -2535,6 +2587,7 @@ def monitor(
             capsule.write(PRE_RUN, pre)
             capsule.write_manifest(function=f"{fn.__module__}.{fn.__qualname__}", items=list(items))
             reserve_room(capsule)
+            before = items_before(capsule, items, os.environ)
             token = _CURRENT_CAPSULE.set(capsule.path)
             start = time.perf_counter()
             outcome: BaseException | None = None
@@ -2549,7 +2602,7 @@ def monitor(
                 _CURRENT_CAPSULE.reset(token)
             try:
                 value = jsonable(result, hide=hide) if include_return_value else None
-                _finish_function(capsule, run_time, items, outcome, value)
+                _finish_function(capsule, run_time, items, outcome, value, before)
             except CapsulaError as exc:  # the function's own outcome still reaches the caller
                 warn(f"the run was not fully recorded: {exc}")
             if outcome is not None:
@@ -2562,9 +2615,14 @@ def monitor(
 
 
 def _finish_function(
-    capsule: Capsule, run_time: float, items: Sequence[str], outcome: BaseException | None, value: JSON
+    capsule: Capsule,
+    run_time: float,
+    items: Sequence[str],
+    outcome: BaseException | None,
+    value: JSON,
+    before: Mapping[str, tuple[int, ...] | None],
 ) -> None:
-    files = capture_items(capsule, items, into={})
+    files = capture_items(capsule, items, into={}, env=os.environ, before=before)
     error = file_errors(files)
     if error:  # the function's own outcome reaches the caller; the record says what is missing
         warn(f"{error} (capsule {capsule.path})", capsule.warnings)
@@ -3004,8 +3062,9 @@ def find_file(path: Path, vault: Path) -> list[tuple[str, str, str]]:
                 for recorded, e in files.items():
                     if e and e.get("file_hash") and e.get("hash_algorithm"):
                         if e.get("file_hash") == digest(str(e.get("hash_algorithm"))):
-                            found.append((record.name, role, recorded))
-    return found
+                            kept = e.get("written_by_this_run") is False
+                            found.append((record.name, "output (not written by it)" if kept else role, recorded))
+    return sorted(found, key=lambda hit: hit[1] == "output (not written by it)")  # the run that wrote it first
 
 
 # === CLI ======================================================================

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -329,3 +330,36 @@ def test_oom_kills_reads_cgroup_v1_and_v2(tmp_path: Path) -> None:
     (tmp_path / "slurm" / "job_7" / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n")
     assert capsula.oom_kills(cgroups=tmp_path / "proc", root=tmp_path) == 1
     assert capsula.oom_kills(cgroups=tmp_path / "missing", root=tmp_path) is None
+
+
+def test_an_array_of_tasks_records_each_its_own_output(repo: Path) -> None:
+    write_config(repo, '[monitor.item.out.files]\n"results/out_${SLURM_ARRAY_TASK_ID}.txt" = {}\n')
+    (repo / "results").mkdir()
+    code = "import os; open(f\"results/out_{os.environ['SLURM_ARRAY_TASK_ID']}.txt\", 'w').write(os.environ['SLURM_ARRAY_TASK_ID'])"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(CAPSULA), "monitor", "-q", "-i", "out", sys.executable, "-c", code],
+            cwd=repo,
+            env={**os.environ, "SLURM_ARRAY_TASK_ID": str(task)},
+        )
+        for task in range(12)
+    ]
+    assert [p.wait(timeout=60) for p in procs] == [0] * 12
+    for capsule in (repo / "vault").iterdir():
+        ((path, entry),) = load(capsule / "post-run-info.json")["files"].items()
+        task = path.removeprefix("results/out_").removesuffix(".txt")
+        assert entry["file_hash"] == hashlib.sha256(task.encode()).hexdigest()  # its own, not another task's
+
+
+def test_an_output_the_run_did_not_write_is_said_and_find_prefers_the_writer(repo: Path) -> None:
+    write_config(repo, '[monitor.item.out.files]\n"results/*.txt" = {}\n')
+    (repo / "results").mkdir()
+    write = "open('results/a.txt', 'w').write('made')"
+    assert run_capsula("monitor", "-q", "-i", "out", sys.executable, "-c", write, cwd=repo).returncode == 0
+    idle = run_capsula("monitor", "-q", "-i", "out", "true", cwd=repo)
+    assert idle.returncode == 0 and b"results/a.txt: not written by this run" in idle.stderr
+    writer, idler = sorted((repo / "vault").iterdir())
+    assert "written_by_this_run" not in load(writer / "post-run-info.json")["files"]["results/a.txt"]
+    assert load(idler / "post-run-info.json")["files"]["results/a.txt"]["written_by_this_run"] is False
+    found = run_capsula("find", "results/a.txt", cwd=repo).stdout.decode().splitlines()
+    assert found[0].split() == [writer.name, "output", "results/a.txt"] and "not written" in found[1]
