@@ -1392,7 +1392,8 @@ def collect_git(
         for key, _, url in (rec.decode(errors="replace").partition("\n") for rec in remotes.split(b"\0") if rec)
     ]
     entry["root_in_repo"] = os.path.relpath(root, top)
-    left_out = [f.path for f in config.files if f.move] + list(config.not_in_diff)
+    moved = [path for spec, path in expand_paths(config.files, root=root, env=environ) if spec.move]
+    left_out = moved + list(config.not_in_diff)
     gone = {os.path.relpath(os.path.normpath(root / path), top) for path in left_out}
     listed = [u for u in untracked_now if u not in gone and not _in_vault(top / u, config.vault, top)]
     withheld = [u for u in listed if is_secret_file(u, config.secret_files)]
@@ -1681,6 +1682,25 @@ def run_pre_capture_command(
 # === Vault ====================================================================
 
 
+def expand_paths(specs: Sequence[FileSpec], *, root: Path, env: Mapping[str, str]) -> list[tuple[FileSpec, str]]:
+    """Each listed file with its path's ``${VAR}`` taken from the run's environment
+    (``results/out_${SLURM_ARRAY_TASK_ID}.txt``), and a glob expanded to what it matches."""
+    import glob
+
+    def variable(match: re.Match[str]) -> str:
+        return env.get(match[1] or match[2], match[0])
+
+    found = []
+    for spec in specs:
+        path = re.sub(r"\$\{(\w+)\}|\$(\w+)", variable, spec.path) if "$" in spec.path else spec.path
+        if any(c in path for c in "*?["):
+            matches = sorted(glob.glob(path, root_dir=root, recursive=True))
+            found += [(spec, m) for m in matches] or [(spec, path)]
+        else:
+            found.append((spec, path))
+    return found
+
+
 def create_capsule_dir(vault: Path, template: str, when: datetime.datetime) -> Path:
     """Make a new capsule directory; a taken name (same second, another process or host)
     gets a suffix. mkdir is atomic, so two writers never share a capsule."""
@@ -1865,12 +1885,19 @@ def collect_context(
             listed = ", ".join(entry.get("withheld", {}))
             warn(f"{name}: not in {name}.diff, as secrets by name ([redact] files): {listed}", capsule.warnings)
     context["files"] = files = {}
-    for spec in config.files:
+    for spec, path in expand_paths(config.files, root=config.root, env=environ):
         if in_place:  # verify: hash in place, nothing copied or moved
-            files[spec.path] = _hash_in_place(config.root / spec.path, spec.hash)
+            files[path] = _hash_in_place(config.root / path, spec.hash)
+        elif (spec.copy or spec.move) and not is_inside(path, config.root):
+            warn(f"{path}: outside the root {config.root}; not stored", capsule.warnings)
+            files[path] = None
         else:
-            files[spec.path] = capture_file(
-                spec, root=config.root, capsule=capsule.path, reserved=capsule.reserved, warnings=capsule.warnings
+            files[path] = capture_file(
+                spec._replace(path=path),
+                root=config.root,
+                capsule=capsule.path,
+                reserved=capsule.reserved,
+                warnings=capsule.warnings,
             )
     context["cpu"] = cpu() if cpu else None
     if packages:
@@ -2336,22 +2363,10 @@ def check_items(config: Config, items: Sequence[str]) -> None:
 
 
 def item_paths(capsule: Capsule, items: Sequence[str], env: Mapping[str, str]) -> list[tuple[FileSpec, str]]:
-    """Each file of the named items, its path's ``${VAR}`` taken from the run's environment
-    (``results/out_${SLURM_ARRAY_TASK_ID}.txt``) and a glob expanded to what it matches now."""
-    import glob
-
-    def variable(match: re.Match[str]) -> str:
-        return env.get(match[1] or match[2], match[0])
-
-    found = []
-    for spec in (spec for name in items for spec in capsule.config.items[name]):
-        path = re.sub(r"\$\{(\w+)\}|\$(\w+)", variable, spec.path)
-        if any(c in path for c in "*?["):
-            matches = sorted(glob.glob(path, root_dir=capsule.config.root, recursive=True))
-            found += [(spec, m) for m in matches] or [(spec, path)]
-        else:
-            found.append((spec, path))
-    return found
+    """Each file of the named items, as expand_paths() finds them."""
+    return expand_paths(
+        [spec for name in items for spec in capsule.config.items[name]], root=capsule.config.root, env=env
+    )
 
 
 def _stat_key(path: Path) -> tuple[int, ...] | None:

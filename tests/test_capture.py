@@ -450,3 +450,18 @@ def test_the_vault_is_never_in_a_diff_and_the_root_is_its_real_path(repo: Path, 
         context = load(capsule / "context.json")
         assert context["root_directory"] == str(repo) and list(context["git"]) == ["project"]
         assert not [u for u in context["git"]["project"]["untracked"] if "capsule" in u or "context" in u]
+
+
+def test_listed_files_take_variables_and_globs(repo: Path) -> None:
+    (repo / "runs").mkdir()
+    for name in ("a.cfg", "b.cfg"):
+        (repo / "runs" / name).write_text(name)
+    (repo / "seed_7.txt").write_text("7\n")
+    write_config(repo, '[capture.files]\n"runs/*.cfg" = {}\n"seed_${SEED}.txt" = { move = true }\n')
+    result = run_capsula("capture", cwd=repo, env={**os.environ, "SEED": "7"})
+    assert result.returncode == 0, result.stderr
+    capsule = Path(result.stdout.decode().strip())
+    files = load(capsule / "context.json")["files"]
+    assert set(files) == {"runs/a.cfg", "runs/b.cfg", "seed_7.txt"}
+    assert (capsule / "seed_7.txt").read_text() == "7\n" and not (repo / "seed_7.txt").exists()
+    assert "seed_7.txt" not in (capsule / "project.diff").read_text()  # moved: not diffed
