@@ -2168,9 +2168,12 @@ def _enlarge_pipe(fd: int) -> None:
         fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ: fewer wake-ups for chatty commands
 
 
-def _pump(pid: int, tees: Sequence[_Tee]) -> tuple[int, Any]:
+def _pump(
+    pid: int, tees: Sequence[_Tee], *, beat: Callable[[], None] | None = None, every: float = HEARTBEAT_SECONDS
+) -> tuple[int, Any]:
     """Copy the command's output as it comes until it exits and its pipes close (or stay
-    silent DRAIN_IDLE seconds after it exits); return its wait status and rusage."""
+    silent DRAIN_IDLE seconds after it exits), calling ``beat`` every ``every`` seconds
+    while it runs; return its wait status and rusage."""
     import select
 
     poller = select.poll()
@@ -2185,6 +2188,7 @@ def _pump(pid: int, tees: Sequence[_Tee]) -> tuple[int, Any]:
     rusage: Any = None
     exited_at = 0.0
     view = memoryview(bytearray(1 << 20))  # reused: no fresh pages for every read
+    next_beat = time.monotonic() + every
     try:
         while True:
             if status is not None and (not open_streams or time.monotonic() - exited_at > DRAIN_MAX):
@@ -2193,7 +2197,13 @@ def _pump(pid: int, tees: Sequence[_Tee]) -> tuple[int, Any]:
                 _, status, rusage = reap(pid)
                 continue
             timeout = DRAIN_IDLE if status is not None else (None if pidfd is not None else 0.05)
+            if beat is not None and status is None:
+                wait = max(next_beat - time.monotonic(), 0.0)
+                timeout = wait if timeout is None else min(timeout, wait)
             events = poller.poll(None if timeout is None else timeout * 1000)
+            if beat is not None and status is None and time.monotonic() >= next_beat:
+                beat()
+                next_beat = time.monotonic() + every
             if status is not None and not events:
                 break
             for fd, _ in events:
@@ -2267,7 +2277,14 @@ def oom_kills(*, cgroups: Path = Path("/proc/self/cgroup"), root: Path = Path("/
 
 
 def run_command(
-    args: Sequence[str], *, cwd: Path, env: Mapping[str, str], capsule: Path, router: SignalRouter
+    args: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    capsule: Path,
+    router: SignalRouter,
+    beat: Callable[[], None] | None = None,
+    every: float = HEARTBEAT_SECONDS,
 ) -> RunResult:
     """Run a command in its own process group, teeing its output live into the capsule."""
     tees: list[_Tee] = []
@@ -2294,7 +2311,7 @@ def run_command(
         for tee in tees:
             _enlarge_pipe(tee.src)
         with _terminal_given_to(pid):
-            status, rusage = _pump(pid, tees)
+            status, rusage = _pump(pid, tees, beat=beat, every=every)
     finally:
         if status is None:  # could not open the capsule files, or interrupted: not left behind
             with contextlib.suppress(ProcessLookupError):
@@ -2322,17 +2339,22 @@ def run_command(
     )
 
 
+def heartbeat_interval() -> float:
+    """Seconds between a run's heartbeats: CAPSULA_HEARTBEAT_SECONDS, 30 by default."""
+    try:
+        return max(float(os.environ.get("CAPSULA_HEARTBEAT_SECONDS") or HEARTBEAT_SECONDS), 0.01)
+    except ValueError:
+        return HEARTBEAT_SECONDS
+
+
 @contextlib.contextmanager
 def heartbeat(capsule: Capsule) -> Iterator[None]:
-    """While a run lasts, capsule.json says every few seconds (CAPSULA_HEARTBEAT_SECONDS, 30
-    by default) that it still does: a host that cannot see the process (a login node
-    reading a compute node's capsule) tells a live run from a lost one by it."""
+    """While a function runs, capsule.json says every heartbeat_interval() that it still
+    does (a command's beats come from the pump's wait instead): a host that cannot see the
+    process (a login node reading a compute node's capsule) tells a live run from a lost one."""
     import threading
 
-    try:
-        interval = max(float(os.environ.get("CAPSULA_HEARTBEAT_SECONDS") or HEARTBEAT_SECONDS), 0.01)
-    except ValueError:
-        interval = HEARTBEAT_SECONDS
+    interval = heartbeat_interval()
     stop = threading.Event()
 
     def beat() -> None:
@@ -2442,13 +2464,19 @@ def monitor_command(
         if rerun_of:
             pre["rerun_of"] = rerun_of
         capsule.write(PRE_RUN, pre)
-        capsule.write_manifest(command=list(shown), items=list(items), rerun_of=rerun_of)
+        every = heartbeat_interval()  # the first beat goes with what runs
+        beating = {"heartbeat": now().isoformat(), "heartbeat_seconds": every}
+        capsule.write_manifest(command=list(shown), items=list(items), rerun_of=rerun_of, **beating)
         reserve_room(capsule)
         env = {**environ, "CAPSULE_DIR": str(capsule.path), "CAPSULA_CAPSULE_NAME": capsule.path.name}
         before = items_before(capsule, items, env)
         if router.received is None:
-            with heartbeat(capsule):
-                run = run_command(args, cwd=cwd, env=env, capsule=capsule.path, router=router)
+
+            def beat() -> None:  # the pump's wait does the waiting: no thread
+                with contextlib.suppress(CapsulaError):
+                    capsule.write_manifest(heartbeat=now().isoformat())
+
+            run = run_command(args, cwd=cwd, env=env, capsule=capsule.path, router=router, beat=beat, every=every)
         else:
             run = RunResult(error="interrupted before the command started")
         files: dict[str, FileRecord | None] = {}

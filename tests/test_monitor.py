@@ -242,8 +242,8 @@ def test_a_failure_after_the_command_was_reaped_is_reported_as_itself(
 ) -> None:
     real_pump = capsula._pump
 
-    def pump_then_fail(pid: int, tees: Any) -> Any:
-        real_pump(pid, tees)  # the command has exited and been reaped
+    def pump_then_fail(pid: int, tees: Any, **options: Any) -> Any:
+        real_pump(pid, tees, **options)  # the command has exited and been reaped
         raise RuntimeError("after the run")
 
     monkeypatch.setattr(capsula, "_pump", pump_then_fail)
