@@ -770,6 +770,7 @@ if TYPE_CHECKING:
         untracked: list[str]
         untracked_not_in_diff: list[str]
         withheld: dict[str, dict[str, JSON]]  # path -> {size, sha256}: secrets by name, not in the diff
+        submodules: dict[str, GitRecord]  # by path in this repository, each with its own diff
         dirty: bool
         diff_file: str  # in the capsule
         error: str
@@ -868,6 +869,7 @@ _FILE_SHAPE |= {"copied": bool, "moved": bool, "symlink": str, "written_by_this_
 _GIT_SHAPE = {"path": str, "sha": (str, None), "branch": (str, None), "root_in_repo": str, "diff_file": str}
 _GIT_SHAPE |= {"dirty": bool, "untracked": [str], "remotes": [{"name": str, "url": str}]}
 _GIT_SHAPE |= {"withheld": {"*": {"size": int, "sha256": (str, None)}}}
+_GIT_SHAPE["submodules"] = {"*": _GIT_SHAPE}  # each as a repository of its own
 _WHO_SHAPE = {"kind": str, "host": str, "pid": int, "pid_start": (int, None), "boot_id": (str, None)}
 _WHO_SHAPE |= {"capsula_version": str}
 _SHAPES: dict[str, Any] = {
@@ -1356,7 +1358,9 @@ def run_git(runner: Runner, repo: Path, *args: str, env: Mapping[str, str], stdi
 
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
-GIT_DIFF = ("diff", "--binary", "--no-color", "--no-ext-diff", "--no-textconv", "--src-prefix=a/", "--dst-prefix=b/")
+# --ignore-submodules: each submodule is recorded as a repository of its own
+GIT_DIFF = tuple("diff --binary --no-color --no-ext-diff --no-textconv --ignore-submodules=all".split())
+GIT_DIFF += ("--src-prefix=a/", "--dst-prefix=b/")
 GIT_ADD_INTENT = ("add", "--intent-to-add", "--pathspec-from-file=-", "--pathspec-file-nul")
 
 
@@ -1411,7 +1415,39 @@ def collect_git(
             write_bytes_atomic(diff_path, b"")
     except (CaptureError, OSError) as exc:
         entry["error"] = f"cannot write {diff_path.name}: {exc}"
+    if (top / ".gitmodules").is_file():
+        entry["submodules"] = _collect_submodules(name, top, config=config, into=into, environ=environ, runner=runner)
     return entry
+
+
+def _collect_submodules(
+    name: str, top: Path, *, config: Config, into: Path, environ: Mapping[str, str], runner: Runner
+) -> dict[str, GitRecord]:
+    """Each initialised submodule of the repository at top, by its path there, recorded as a
+    repository of its own: its sha, and its own diff with its untracked files (the parent's
+    diff would only say ``Subproject commit ...-dirty``)."""
+    try:
+        listed = run_git(
+            runner,
+            top,
+            "config",
+            "-f",
+            ".gitmodules",
+            "-z",
+            "--get-regexp",
+            r"^submodule\..*\.path$",
+            env=git_environment(environ),
+        )
+    except CaptureError:
+        return {}
+    found: dict[str, GitRecord] = {}
+    for record in filter(None, listed.split(b"\0")):
+        sub = os.fsdecode(record.partition(b"\n")[2])
+        if sub and is_inside(sub, top) and (top / sub / ".git").exists():
+            label = name + "." + re.sub(r"[^\w.-]", "_", sub)
+            rel = os.path.relpath(top / sub, config.root)
+            found[sub] = collect_git(label, rel, config=config, into=into, environ=environ, runner=runner)
+    return found
 
 
 def _in_vault(path: Path, vault: Path, top: Path) -> bool:
@@ -2924,6 +2960,44 @@ def rerun_args(record: Record) -> list[str]:
     return [str(a) for a in args]
 
 
+def _apply(
+    record: Record, repo: GitRecord, name: str, tree: Path, *, tmp: Path, env: Mapping[str, str], runner: Runner
+) -> None:
+    """Apply a repository's recorded changes to its rebuilt tree."""
+    patch = record.inside(repo.get("diff_file", f"{name}.diff"), what=f"git.{name}.diff_file")
+    text = patch.read_bytes() if patch.is_file() else b""
+    if text and not text.endswith(b"\n"):  # 0.0.19 wrote its diffs without the last newline
+        patch = tmp / f"{name}.diff"
+        patch.write_bytes(text + b"\n")
+    if text:
+        run_git(runner, tree, "apply", "--binary", "--whitespace=nowarn", str(patch), env=env)
+
+
+def _rebuild_submodules(
+    record: Record, repo: GitRecord, top: Path, tree: Path, *, tmp: Path, env: Mapping[str, str], runner: Runner
+) -> list[Path]:
+    """Check each recorded submodule out in the rebuilt tree at its sha, from the user's own
+    clone of it (no network), and apply its changes; returns the clones made."""
+    clones = []
+    for sub, entry in repo.get("submodules", {}).items():
+        origin, dest = (
+            confined(top, sub, what=f"{record.name}: submodule"),
+            confined(tree, sub, what=f"{record.name}: submodule"),
+        )
+        if not entry.get("sha") or not (origin / ".git").exists():
+            warn(
+                f"submodule {sub}: not rebuilt ({'no sha recorded' if not entry.get('sha') else f'no clone in {origin}'})"
+            )
+            continue
+        run_git(runner, tree, "clone", "--quiet", "--no-checkout", "--shared", str(origin), str(dest), env=env)
+        clones.append(dest)
+        run_git(runner, dest, "checkout", "--quiet", "--detach", str(entry.get("sha")), env=env)
+        label = Path(entry.get("diff_file", "sub.diff")).stem
+        _apply(record, entry, label, dest, tmp=tmp, env=env, runner=runner)
+        clones += _rebuild_submodules(record, entry, origin, dest, tmp=tmp, env=env, runner=runner)
+    return clones
+
+
 @contextlib.contextmanager
 def rebuilt_worktree(record: Record, *, source: Path, scratch: Path, runner: Runner = start_process) -> Iterator[Path]:
     """A temporary git worktree (in scratch) of the repository at source, at the recorded
@@ -2936,18 +3010,16 @@ def rebuilt_worktree(record: Record, *, source: Path, scratch: Path, runner: Run
     name, repo = _code_repo(record)
     env = git_environment(os.environ)
     tmp = Path(tempfile.mkdtemp(prefix="rerun-", dir=scratch))
-    tree = tmp / "tree"
+    tree, clones = tmp / "tree", []
     try:
         run_git(runner, source, "worktree", "add", "--detach", "--quiet", str(tree), str(repo.get("sha")), env=env)
-        patch = record.inside(repo.get("diff_file", f"{name}.diff"), what=f"git.{name}.diff_file")
-        text = patch.read_bytes() if patch.is_file() else b""
-        if text and not text.endswith(b"\n"):  # 0.0.19 wrote its diffs without the last newline
-            patch = tmp / patch.name
-            patch.write_bytes(text + b"\n")
-        if text:
-            run_git(runner, tree, "apply", "--binary", "--whitespace=nowarn", str(patch), env=env)
+        _apply(record, repo, name, tree, tmp=tmp, env=env, runner=runner)
+        top = Path(run_git(runner, source, "rev-parse", "--show-toplevel", env=env).decode().strip())
+        clones += _rebuild_submodules(record, repo, top, tree, tmp=tmp, env=env, runner=runner)
         yield confined(tree, repo.get("root_in_repo", "."), what=f"{record.name}: git.{name}.root_in_repo")
     finally:
+        for clone in reversed(clones):  # git will not remove a worktree that holds submodules
+            shutil.rmtree(clone, ignore_errors=True)
         with contextlib.suppress(CapsulaError, OSError):
             run_git(runner, source, "worktree", "remove", "--force", str(tree), env=env)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -363,3 +363,27 @@ def test_rerun_says_which_ignored_paths_the_rebuilt_tree_lacks(repo: Path) -> No
     assert "copy = true" in err and "--here" in err
     here = run_capsula("rerun", "latest~1", "--here", cwd=repo)
     assert here.returncode == 0 and b"reproduced identically" in here.stdout, here.stdout + here.stderr
+
+
+def test_a_submodule_is_recorded_with_its_own_changes_and_rebuilt_by_rerun(repo: Path, tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    git(lib, "init", "-q", "-b", "main")
+    (lib / "value.txt").write_text("1\n")
+    git(lib, "add", ".")
+    git(lib, "commit", "-q", "-m", "lib")
+    git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(lib), "lib")
+    git(repo, "commit", "-q", "-m", "with lib")
+    (repo / "lib" / "value.txt").write_text("2\n")  # changed inside the submodule, not committed
+    (repo / "lib" / "extra.txt").write_text("untracked in lib\n")
+    code = "print(open('lib/value.txt').read().strip(), open('lib/extra.txt').read().strip())"
+    ok(run_capsula("monitor", "-q", sys.executable, "-c", code, cwd=repo))
+    (capsule,) = (repo / "vault").iterdir()
+    sub = load(capsule / "context.json")["git"]["project"]["submodules"]["lib"]
+    assert sub["sha"] == git(lib, "rev-parse", "HEAD").strip() and sub["dirty"] is True
+    assert "+2" in (capsule / sub["diff_file"]).read_text() and "extra.txt" in (capsule / sub["diff_file"]).read_text()
+    assert "Subproject commit" not in (capsule / "project.diff").read_text()
+    shutil.rmtree(lib)  # the rebuild uses the project's own clone of it: no network, no origin needed
+    rerun = run_capsula("rerun", "latest", cwd=repo)
+    assert rerun.returncode == 0 and b"reproduced identically" in rerun.stdout, rerun.stdout + rerun.stderr
+    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1  # removed
