@@ -510,6 +510,7 @@ class Config(NamedTuple):
     redact_arguments: bool = True
     not_in_diff: tuple[str, ...] = ()  # paths (relative to the root) left out of git's state: a run's outputs
     recorded_root: Path | None = None  # the root a capsule names, when the run is elsewhere (a rerun's tree)
+    tty: bool = True  # a command whose output goes to a terminal gets pseudo-terminals
 
     @property
     def vault(self) -> Path:
@@ -548,7 +549,7 @@ _CONFIG_SHAPE = {  # in conform()'s grammar; every other key is refused
         **{"pre-capture-commands": [str], "environment-variables": [str], "files": {"*": _FILE_OPTIONS}},
         "git": {"repositories": {"*": str}},
     },
-    "monitor": {"item": {"*": {"files": {"*": _FILE_OPTIONS}}}},
+    "monitor": {"item": {"*": {"files": {"*": _FILE_OPTIONS}}}, "tty": bool},
     "redact": {"patterns": [str], "allow": [str], "files": [str], "arguments": bool},
 }
 
@@ -651,6 +652,7 @@ def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> 
         secret_patterns=tuple(red.get("patterns", DEFAULT_SECRET_PATTERNS)),
         secret_allow=tuple(red.get("allow", ())),
         secret_files=tuple(red.get("files", DEFAULT_SECRET_FILES)),
+        tty=raw.get("monitor", {}).get("tty", True),
         redact_arguments=red.get("arguments", True),
     )
 
@@ -2047,9 +2049,12 @@ class SignalRouter:
         self.all: list[int] = []  # every one, in order
         self.child_pgid: int | None = None
         self.raising = False
+        self.on_winch: Callable[[], object] | None = None  # the command's terminals follow the window
 
     def _handle(self, signum: int, frame: object) -> None:
         self.all.append(signum)
+        if signum == getattr(signal, "SIGWINCH", None) and self.on_winch is not None:
+            self.on_winch()
         if signum not in INTERRUPT_SIGNALS:
             if self.child_pgid is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -2112,7 +2117,12 @@ class _Tee:
                     self._show_saved(self.size, n)
                 self.size += n
                 return 0 if self.reader_gone else n
-        n = os.readv(self.src, [buffer])
+        try:
+            n = os.readv(self.src, [buffer])
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            n = 0  # a pseudo-terminal whose command side is closed: its end
         if n:
             self.feed(buffer[:n])
         return 0 if self.reader_gone else n
@@ -2173,28 +2183,78 @@ class _Tee:
         return data.decode(errors="replace"), self.size > TEXT_LIMIT
 
 
-@contextlib.contextmanager
-def _terminal_given_to(pgid: int) -> Iterator[None]:
-    """Make the command's process group the terminal's foreground group, as a shell does,
-    so that Ctrl-C reaches it once and it can read the terminal; take it back after."""
-    try:
-        fd = sys.stdin.fileno()
-        ours = os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp()
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
-        yield
-        return
-    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-    try:
-        os.tcsetpgrp(fd, pgid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGCONT)  # in case it touched the terminal before it was its own
-        yield
-    finally:
+class Terminal:
+    """The terminal Capsula runs in, if it owns it: handed to the command's process group as
+    a shell does (Ctrl-C and Ctrl-Z reach the command, which can read the keyboard), taken
+    back after with its modes restored however the run ends. When the command stops
+    (Ctrl-Z), Capsula stops too, so that the shell takes over; `fg` continues both."""
+
+    def __init__(self, pgid: int) -> None:
+        self.pgid, self.fd = pgid, -1
+        self.modes: list[Any] | None = None
+        self.ttou: Any = None
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            fd = sys.stdin.fileno()
+            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+                self.fd = fd
+
+    def __enter__(self) -> Terminal:
+        if self.fd >= 0:
+            import termios
+
+            with contextlib.suppress(termios.error):
+                self.modes = termios.tcgetattr(self.fd)
+            self.ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            self._hand_over()
+        return self
+
+    def _hand_over(self) -> None:
         with contextlib.suppress(OSError):
-            os.tcsetpgrp(fd, os.getpgrp())
-        signal.signal(signal.SIGTTOU, old)
+            os.tcsetpgrp(self.fd, self.pgid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pgid, signal.SIGCONT)  # in case it touched the terminal before it was its own
+
+    def _take_back(self) -> None:
+        import termios
+
+        with contextlib.suppress(OSError):
+            os.tcsetpgrp(self.fd, os.getpgrp())
+        if self.modes is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self.modes)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            self._take_back()
+            signal.signal(signal.SIGTTOU, self.ttou)
+
+    def follow_stop(self, pid: int) -> None:
+        """If the command stopped (Ctrl-Z): take the terminal back and stop, as the shell
+        expects of its job; once continued (`fg`), hand it over and continue the command."""
+        if self.fd < 0:
+            return
+        try:
+            info = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG)  # stops only: exits stay to be reaped
+        except ChildProcessError:
+            return
+        if info is not None and info.si_code == os.CLD_STOPPED:
+            self._take_back()
+            os.kill(os.getpid(), signal.SIGTSTP)  # Capsula stops here until `fg`
+            self._hand_over()
+
+
+def _like_terminal(pty: int, of: int) -> None:
+    """Give a pseudo-terminal the size of the terminal at ``of``; and no output processing,
+    so that the bytes saved are the bytes the command wrote (the real terminal adds its own)."""
+    import fcntl
+    import termios
+
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(pty, termios.TIOCSWINSZ, fcntl.ioctl(of, termios.TIOCGWINSZ, b"\0" * 8))
+    with contextlib.suppress(termios.error):
+        attrs = termios.tcgetattr(pty)
+        attrs[1] &= ~termios.OPOST
+        termios.tcsetattr(pty, termios.TCSANOW, attrs)
 
 
 def _enlarge_pipe(fd: int) -> None:
@@ -2205,7 +2265,12 @@ def _enlarge_pipe(fd: int) -> None:
 
 
 def _pump(
-    pid: int, tees: Sequence[_Tee], *, beat: Callable[[], None] | None = None, every: float = HEARTBEAT_SECONDS
+    pid: int,
+    tees: Sequence[_Tee],
+    *,
+    beat: Callable[[], None] | None = None,
+    every: float = HEARTBEAT_SECONDS,
+    terminal: Terminal | None = None,
 ) -> tuple[int, Any]:
     """Copy the command's output as it comes until it exits and its pipes close (or stay
     silent DRAIN_IDLE seconds after it exits), calling ``beat`` every ``every`` seconds
@@ -2236,7 +2301,11 @@ def _pump(
             if beat is not None and status is None:
                 wait = max(next_beat - time.monotonic(), 0.0)
                 timeout = wait if timeout is None else min(timeout, wait)
+            if terminal is not None and terminal.fd >= 0 and status is None:  # a stop is not on the pidfd
+                timeout = 0.2 if timeout is None else min(timeout, 0.2)
             events = poller.poll(None if timeout is None else timeout * 1000)
+            if terminal is not None and status is None:
+                terminal.follow_stop(pid)
             if beat is not None and status is None and time.monotonic() >= next_beat:
                 beat()
                 next_beat = time.monotonic() + every
@@ -2272,6 +2341,7 @@ class RunResult(NamedTuple):
     resource_usage: dict[str, float] | None = None
     streams: tuple[tuple[str, bool, int, bool], ...] = ()  # stdout, stderr: (end text, cut, bytes, reader gone)
     out_of_memory: bool = False  # the kernel killed it for memory
+    terminal: bool = False  # it wrote to pseudo-terminals, Capsula's own output being a terminal
 
     def fields(self) -> dict[str, JSON]:
         """post-run-info.json's keys for the run (after 0.0.19's stdout, stderr, exit_code)."""
@@ -2287,6 +2357,8 @@ class RunResult(NamedTuple):
         out.update(signal=signal, signal_number=self.signal_number, error=self.error, resource_usage=usage)
         if self.out_of_memory:
             out["out_of_memory"] = True
+        if self.terminal:
+            out["terminal"] = True
         return out
 
 
@@ -2321,12 +2393,19 @@ def run_command(
     router: SignalRouter,
     beat: Callable[[], None] | None = None,
     every: float = HEARTBEAT_SECONDS,
+    tty: bool = True,
 ) -> RunResult:
-    """Run a command in its own process group, teeing its output live into the capsule."""
+    """Run a command in its own process group, teeing its output live into the capsule. Where
+    Capsula's stdout (or stderr) is a terminal, and ``tty``, the command gets a pseudo-terminal
+    for it, of the terminal's size and kept so; elsewhere (pipes, files), a pipe."""
     tees: list[_Tee] = []
     oom_before = oom_kills()
     start = time.perf_counter()
-    (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
+    ptys = [fd for fd in (1, 2) if tty and os.isatty(fd)]
+    (out_r, out_w), (err_r, err_w) = (os.openpty() if fd in ptys else os.pipe() for fd in (1, 2))
+    for fd, slave in zip((1, 2), (out_w, err_w), strict=True):
+        if fd in ptys:
+            _like_terminal(slave, fd)
     try:
         pid = spawn(args, cwd=cwd, env=env, fds=(None, out_w, err_w), new_group=True)
     except OSError as exc:
@@ -2346,15 +2425,23 @@ def run_command(
         tees = [_Tee(out_r, 1, capsule / STDOUT), _Tee(err_r, 2, capsule / STDERR)]
         for tee in tees:
             _enlarge_pipe(tee.src)
-        with _terminal_given_to(pid):
-            status, rusage = _pump(pid, tees, beat=beat, every=every)
+        if ptys:  # a resized window resizes the command's terminals (it gets the SIGWINCH too)
+
+            def follow_window() -> None:
+                for master, fd in ((out_r, 1), (err_r, 2)):
+                    if fd in ptys:
+                        _like_terminal(master, fd)
+
+            router.on_winch = follow_window
+        with Terminal(pid) as terminal:
+            status, rusage = _pump(pid, tees, beat=beat, every=every, terminal=terminal)
     finally:
         if status is None:  # could not open the capsule files, or interrupted: not left behind
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):  # already reaped, before the failure
                 reap(pid)
-        router.child_pgid = None
+        router.child_pgid, router.on_winch = None, None
         for fd in (out_r, err_r)[len(tees) :]:  # a tee, once made, closes its own
             os.close(fd)
         for tee in tees:
@@ -2372,6 +2459,7 @@ def run_command(
         error=" ".join(tee.error for tee in tees if tee.error) or None,
         resource_usage=usage,
         streams=tuple((*tee.text(), tee.size, tee.reader_gone) for tee in tees),
+        terminal=bool(ptys),
     )
 
 
@@ -2512,7 +2600,9 @@ def monitor_command(
                 with contextlib.suppress(CapsulaError):
                     capsule.write_manifest(heartbeat=now().isoformat())
 
-            run = run_command(args, cwd=cwd, env=env, capsule=capsule.path, router=router, beat=beat, every=every)
+            run = run_command(
+                args, cwd=cwd, env=env, capsule=capsule.path, router=router, beat=beat, every=every, tty=config.tty
+            )
         else:
             run = RunResult(error="interrupted before the command started")
         files: dict[str, FileRecord | None] = {}
@@ -3209,6 +3299,8 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
     if not command:
         raise ConfigError("no command to monitor; usage: capsula monitor [-i ITEM]... [--] COMMAND [ARGS...]")
     config = load_config(args.directory)
+    if getattr(args, "no_tty", False):
+        config = config._replace(tty=False)
     code, capsule = monitor_command(command, config=config, items=args.item)
     if capsule is not None:
         error = capsule.manifest.get("error")
@@ -3333,6 +3425,7 @@ def _cmd_find(args: argparse.Namespace) -> int:
 def _args_monitor(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--item", action="append", default=[], metavar="NAME", help="a [monitor.item.NAME] to record")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the capsule's path on stderr")
+    p.add_argument("--no-tty", action="store_true", help="pipes, never a pseudo-terminal, for the command's output")
     p.add_argument("command", nargs="...", metavar="COMMAND", help="the command and its arguments")
 
 
@@ -3450,19 +3543,22 @@ def _monitor_args(argv: list[str]) -> argparse.Namespace | None:
 
     names = {**_GLOBAL_OPTIONS, "-i": "item", "--item": "item"}
     given: dict[str, list[str]] = {}
-    quiet, rest = False, argv
+    flags = {"-q": "quiet", "--quiet": "quiet", "--no-tty": "no_tty"}
+    seen, rest = set(), argv
     while True:
         more, rest = _leading_options(rest, names)
         for key, values in more.items():
             given.setdefault(key, []).extend(values)
-        if rest[:1] not in (["-q"], ["--quiet"]):
+        if not rest or rest[0] not in flags:
             break
-        quiet, rest = True, rest[1:]
+        seen.add(flags[rest[0]])
+        rest = rest[1:]
     if not rest or (rest[0].startswith("-") and rest[0] != "--"):
         return None
     last: dict[str, str | None] = {key: given[key][-1] if key in given else None for key in ("directory", "log_level")}
     # argparse's Namespace is a plain attribute bag; argparse itself costs more to import
-    args = types.SimpleNamespace(command=rest, item=given.get("item", []), quiet=quiet, handler=_cmd_monitor, **last)
+    flags_seen = {"quiet": "quiet" in seen, "no_tty": "no_tty" in seen}
+    args = types.SimpleNamespace(command=rest, item=given.get("item", []), handler=_cmd_monitor, **flags_seen, **last)
     return cast("argparse.Namespace", args)
 
 
