@@ -1366,6 +1366,9 @@ GIT_DIFF += ("--src-prefix=a/", "--dst-prefix=b/")
 GIT_ADD_INTENT = ("add", "--intent-to-add", "--pathspec-from-file=-", "--pathspec-file-nul")
 
 
+_REPOSITORY_FACTS: dict[tuple[str, int], tuple[bytes, bytes]] = {}  # (path, pid): git's top level, remotes
+
+
 def collect_git(
     name: str, rel: str, *, config: Config, into: Path, environ: Mapping[str, str], runner: Runner = start_process
 ) -> GitRecord:
@@ -1378,14 +1381,19 @@ def collect_git(
     path = root / rel
     entry: GitRecord = {"path": rel, "sha": None, "branch": None, "remotes": []}
     try:
-        # Three independent git calls: started together, they overlap.
-        status_out, rev_parse, remotes = wait_all(
-            [
-                git_start(runner, path, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all", env=env),
+        # Independent git calls, started together so that they overlap. The top level and
+        # the remotes are read once per process (a decorated function's later calls: one call).
+        known = _REPOSITORY_FACTS.get((str(path), os.getpid()))
+        status = git_start(runner, path, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all", env=env)
+        if known is None:
+            facts = [
                 git_start(runner, path, "rev-parse", "--show-toplevel", "--git-path", "index", env=env),
                 git_start(runner, path, "config", "-z", "--get-regexp", r"^remote\..*\.url$", env=env, ok=1),  # 1: none
             ]
-        )
+            status_out, rev_parse, remotes = wait_all([status, *facts])
+            _REPOSITORY_FACTS[(str(path), os.getpid())] = rev_parse, remotes
+        else:
+            (status_out,), (rev_parse, remotes) = wait_all([status]), known
         sha, branch, changed, untracked_now = parse_git_status(status_out)
         top_s, index_s = rev_parse.decode().splitlines()
         top, index = Path(top_s), path / index_s
@@ -1615,6 +1623,9 @@ def scratch_directory(root: Path) -> Path:
     return path
 
 
+_HOST_FACTS: dict[str, dict[str, JSON]] = {}
+
+
 class HostCache:
     """Facts that do not change while the machine is up (platform, CPU), kept in the cache
     directory under a key of host, boot id, interpreter and py-cpuinfo install: a reboot,
@@ -1626,8 +1637,9 @@ class HostCache:
         boot = read_boot_id()
         raw = f"{hostname()}|{boot}|{sys.executable}|{sys.version}|{cpuinfo_stamp}"
         self.path = directory / f"host-{zlib.crc32(raw.encode()):08x}.json" if boot and directory else None
-        cached = read_json(self.path) if self.path else None
+        cached = _HOST_FACTS.get(raw) or (read_json(self.path) if self.path else None)
         self.data: dict[str, JSON] = cached if isinstance(cached, dict) and cached.get("key") == raw else {"key": raw}
+        _HOST_FACTS[raw] = self.data  # read once per process
 
     def get(self, key: str, compute: Callable[[], JSON]) -> JSON:
         if key not in self.data:
