@@ -1,5 +1,6 @@
-"""Records: the pure parts (statuses, shapes, confinement, parsers of git, /proc and URLs)
-tested directly on real sample input, and the one reader on hostile capsules."""
+"""Records: the pure parts (statuses, shapes, confinement, the parsers of git and /proc)
+tested directly on real sample input, and the one reader on hostile capsules. URLs and
+redaction are tested in test_secrets.py."""
 
 from __future__ import annotations
 
@@ -91,38 +92,6 @@ def test_parse_proc_cpuinfo_of_a_real_file() -> None:
     flags = info["flags"]
     assert isinstance(flags, list) and "sse2" in flags and flags == sorted(map(str, flags))
     assert info["hz_actual"] == [2_600_000_000, 0] and info["hz_actual_friendly"] == "2.6000 GHz"
-
-
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("https://user:tok@host/x.git", "https://host/x.git"),
-        ("https://tok@host/x.git?private_token=1#frag", "https://host/x.git"),
-        ("ssh://git@host/x.git", "ssh://git@host/x.git"),
-        ("ssh://git:pw@host/x.git", "ssh://host/x.git"),
-        ("git@github.com:o/r.git", "git@github.com:o/r.git"),
-        ("/local/path", "/local/path"),
-    ],
-)
-def test_strip_credentials(url: str, expected: str) -> None:
-    assert capsula.strip_credentials(url) == expected
-
-
-def test_redact_args() -> None:
-    patterns = capsula.DEFAULT_SECRET_PATTERNS
-    args = ["run", "--token", "T", "--password=P", "--name", "n", "--api-key", "K", "pos"]
-    assert capsula.redact_args(args, patterns, ()) == [
-        "run",
-        "--token",
-        "<redacted>",
-        "--password=<redacted>",
-        "--name",
-        "n",
-        "--api-key",
-        "<redacted>",
-        "pos",
-    ]
-    assert capsula.redact_args(["--token", "T"], patterns, ["--token"]) == ["--token", "T"]
 
 
 def _vault_with_hostile_capsules(project: Path) -> Path:
