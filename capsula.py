@@ -2053,6 +2053,20 @@ DRAIN_IDLE = 1.0  # s: after the command exits, stop reading pipes that stay sil
 DRAIN_MAX = 10.0  # s: ... or that a background child keeps busy this long
 
 
+SUPERVISORS = ("slurmstepd", "systemd")  # they signal every process of a job themselves
+
+
+def supervised() -> bool:
+    """Whether Capsula was started by a supervisor that signals every process of the job
+    itself (SLURM's slurmstepd with proctrack linuxproc or cgroup, systemd's default
+    KillMode=control-group): the command then stays in Capsula's process group and the
+    INT, TERM and HUP it gets are not passed on again, so that it gets each signal once."""
+    try:
+        return Path(f"/proc/{os.getppid()}/comm").read_text().strip() in SUPERVISORS
+    except OSError:
+        return False
+
+
 class SignalRouter:
     """Signals while Capsula works: forwarded to the running command's process group, as a
     shell passes them on (INT, TERM, HUP, USR1, USR2, WINCH, ALRM, QUIT, CONT), and noted.
@@ -2061,9 +2075,12 @@ class SignalRouter:
     the work stops and is recorded as interrupted."""
 
     def __init__(self) -> None:
+        self.supervised = supervised()
         self.received: int | None = None  # the first that interrupts the run
         self.all: list[int] = []  # every one, in order
-        self.child_pgid: int | None = None
+        self.child_pgid: int | None = None  # the running command: its process group, or with group False, its pid
+        self.group = True
+        self.pass_interrupts = True  # False: a supervisor signals the command itself (see supervised())
         self.raising = False
         self.on_winch: Callable[[], object] | None = None  # the command's terminals follow the window
 
@@ -2072,17 +2089,20 @@ class SignalRouter:
         if signum == getattr(signal, "SIGWINCH", None) and self.on_winch is not None:
             self.on_winch()
         if signum not in INTERRUPT_SIGNALS:
-            if self.child_pgid is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.child_pgid, signum)
+            self._pass_on(signum)
             return
         self.received = self.received or signum
         if self.child_pgid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.child_pgid, signum)
+            if self.pass_interrupts:
+                self._pass_on(signum)
         elif self.raising:
             self.raising = False  # once: what handles it must be able to write its record
             raise Interrupted(signum)
+
+    def _pass_on(self, signum: int) -> None:
+        if self.child_pgid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                (os.killpg if self.group else os.kill)(self.child_pgid, signum)
 
     @contextlib.contextmanager
     def interruptible(self) -> Iterator[None]:
@@ -2211,7 +2231,7 @@ class Terminal:
         self.ttou: Any = None
         with contextlib.suppress(OSError, ValueError, AttributeError):
             fd = sys.stdin.fileno()
-            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+            if pgid > 0 and os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
                 self.fd = fd
 
     def __enter__(self) -> Terminal:
@@ -2423,7 +2443,7 @@ def run_command(
         if fd in ptys:
             _like_terminal(slave, fd)
     try:
-        pid = spawn(args, cwd=cwd, env=env, fds=(None, out_w, err_w), new_group=True)
+        pid = spawn(args, cwd=cwd, env=env, fds=(None, out_w, err_w), new_group=not router.supervised)
     except OSError as exc:
         os.close(out_r)
         os.close(err_r)
@@ -2435,7 +2455,7 @@ def run_command(
     finally:
         os.close(out_w)
         os.close(err_w)
-    router.child_pgid = pid
+    router.child_pgid, router.group, router.pass_interrupts = pid, not router.supervised, not router.supervised
     status: int | None = None
     try:
         tees = [_Tee(out_r, 1, capsule / STDOUT), _Tee(err_r, 2, capsule / STDERR)]
@@ -2449,12 +2469,12 @@ def run_command(
                         _like_terminal(master, fd)
 
             router.on_winch = follow_window
-        with Terminal(pid) as terminal:
+        with Terminal(pid if router.group else -1) as terminal:
             status, rusage = _pump(pid, tees, beat=beat, every=every, terminal=terminal)
     finally:
         if status is None:  # could not open the capsule files, or interrupted: not left behind
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+                (os.killpg if router.group else os.kill)(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):  # already reaped, before the failure
                 reap(pid)
         router.child_pgid, router.on_winch = None, None

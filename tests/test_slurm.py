@@ -201,3 +201,29 @@ def test_a_usr1_to_the_batch_shell_reaches_the_command(cluster: dict[str, str], 
     post = load(capsule / "post-run-info.json")
     assert post["status"] == "completed" and post["stdout"] == "got USR1\n" and post["signals_received"] == ["SIGUSR1"]
     assert json.loads((capsule / "capsule.json").read_text())["status"] == "completed"
+
+
+def test_scancel_reaches_the_command_once(cluster: dict[str, str], project: Path) -> None:
+    """slurmstepd signals every process of the step: Capsula does not pass the TERM on again."""
+    code = (
+        "import signal, time; n = []; signal.signal(signal.SIGTERM, lambda *a: n.append(1)); "
+        "print('ready', flush=True); [time.sleep(0.05) for _ in range(1200) if not n]; time.sleep(1); "
+        "print(f'TERM x{len(n)}', flush=True)"
+    )
+    job = _batch(cluster, project, f'{CAPSULA_CMD} -- "{sys.executable}" -c "{code}"')
+    deadline = time.monotonic() + 60
+    while (
+        not list((project / "vault").glob("*/stdout.txt"))
+        or b"ready" not in next((project / "vault").glob("*/stdout.txt")).read_bytes()
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    subprocess.run(["scancel", job], env=cluster, check=True)
+    _wait_for_jobs(cluster)
+    (capsule,) = (project / "vault").iterdir()
+    deadline = time.monotonic() + 30
+    while not (capsule / "post-run-info.json").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert (capsule / "stdout.txt").read_bytes() == b"ready\nTERM x1\n"
+    assert load(capsule / "post-run-info.json")["status"] == "interrupted"
