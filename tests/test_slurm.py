@@ -184,22 +184,19 @@ def test_scancel_leaves_an_interrupted_capsule(cluster: dict[str, str], project:
     assert post["status"] == "interrupted" and "SIGTERM" in post["signals_received"]
 
 
-def test_a_usr1_to_the_batch_shell_reaches_the_command(cluster: dict[str, str], project: Path) -> None:
+def test_signal_b_usr1_reaches_the_command_through_capsula(cluster: dict[str, str], project: Path) -> None:
+    """sbatch --signal=B:USR1@55 with a one-minute limit: SLURM's "time is nearly up" goes to the
+    batch shell, which is Capsula (exec); the command gets it and finishes in time."""
     code = (
         "import signal, time; got = []; signal.signal(signal.SIGUSR1, lambda *a: got.append(1)); "
-        "[time.sleep(0.1) for _ in range(600) if not got]; print('got USR1' if got else 'none')"
+        "[time.sleep(0.1) for _ in range(900) if not got]; print('got USR1' if got else 'none')"
     )
-    job = _batch(cluster, project, f'{CAPSULA_CMD} -- "{sys.executable}" -c "{code}"')
-    deadline = time.monotonic() + 60
-    while not list((project / "vault").glob("*/pre-run-info.json")):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    time.sleep(1)
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster, check=True)  # as --signal=B:USR1@90
-    _wait_for_jobs(cluster)
+    _batch(cluster, project, f'{CAPSULA_CMD} -- "{sys.executable}" -c "{code}"', "--time=1", "--signal=B:USR1@55")
+    _wait_for_jobs(cluster, timeout=150)
     (capsule,) = (project / "vault").iterdir()
     post = load(capsule / "post-run-info.json")
-    assert post["status"] == "completed" and post["stdout"] == "got USR1\n" and post["signals_received"] == ["SIGUSR1"]
+    assert post["status"] == "completed" and post["stdout"] == "got USR1\n"
+    assert "SIGUSR1" in post["signals_received"]  # with a SIGCONT, which SLURM sends beside it
     assert json.loads((capsule / "capsule.json").read_text())["status"] == "completed"
 
 
