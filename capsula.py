@@ -114,7 +114,8 @@ def signal_name(signum: int) -> str:
 # === Utilities ================================================================
 
 TEXT_LIMIT = 1 << 20  # bytes of stdout/stderr/command output kept inline in JSON
-UNTRACKED_LIMIT = 10 << 20  # bytes: larger untracked files are listed, not diffed
+UNTRACKED_LIMIT = 10 << 20  # bytes: larger untracked files are listed with their hash, not diffed
+UNTRACKED_TOTAL = 64 << 20  # bytes of untracked files one diff holds; the rest are listed likewise
 REDACTED = "<redacted>"
 # Names that look secret: a pattern of six characters or more anywhere in the name, a
 # shorter one as a whole word (see is_secret_name); and files withheld from diffs by name.
@@ -776,6 +777,7 @@ if TYPE_CHECKING:
         untracked: list[str]
         untracked_not_in_diff: list[str]
         withheld: dict[str, dict[str, JSON]]  # path -> {size, sha256}: secrets by name, not in the diff
+        too_large: dict[str, dict[str, JSON]]  # path -> {size, sha256}: over UNTRACKED_LIMIT or _TOTAL
         submodules: dict[str, GitRecord]  # by path in this repository, each with its own diff
         dirty: bool
         diff_file: str  # in the capsule
@@ -875,6 +877,7 @@ _FILE_SHAPE |= {"copied": bool, "moved": bool, "symlink": str, "written_by_this_
 _GIT_SHAPE = {"path": str, "sha": (str, None), "branch": (str, None), "root_in_repo": str, "diff_file": str}
 _GIT_SHAPE |= {"dirty": bool, "untracked": [str], "remotes": [{"name": str, "url": str}]}
 _GIT_SHAPE |= {"withheld": {"*": {"size": int, "sha256": (str, None)}}}
+_GIT_SHAPE |= {"too_large": {"*": {"size": int, "sha256": (str, None)}}}
 _GIT_SHAPE["submodules"] = {"*": _GIT_SHAPE}  # each as a repository of its own
 _WHO_SHAPE = {"kind": str, "host": str, "pid": int, "pid_start": (int, None), "boot_id": (str, None)}
 _WHO_SHAPE |= {"capsula_version": str}
@@ -1415,8 +1418,17 @@ def collect_git(
     gone = {os.path.relpath(os.path.normpath(root / path), top) for path in left_out}
     listed = [u for u in untracked_now if u not in gone and not _in_vault(top / u, config.vault, top)]
     withheld = [u for u in listed if is_secret_file(u, config.secret_files)]
-    untracked = [u for u in listed if u not in withheld and _untracked_size(top / u) <= UNTRACKED_LIMIT]
+    untracked, budget, too_large = [], UNTRACKED_TOTAL, {}
+    for u in (u for u in listed if u not in withheld):
+        size = _untracked_size(top / u)
+        if size <= min(UNTRACKED_LIMIT, budget):
+            untracked.append(u)
+            budget -= size
+        else:  # over the limit for one file, or for all: its size and hash, not its content
+            too_large[u] = {"size": size, "sha256": _sha256(top / u)}
     entry["untracked"] = listed
+    if too_large:
+        entry["too_large"] = cast("dict[str, dict[str, JSON]]", too_large)
     if withheld:  # listed with size and hash, never their content
         entry["withheld"] = {u: {"size": _untracked_size(top / u), "sha256": _sha256(top / u)} for u in withheld}
     entry["untracked_not_in_diff"] = sorted(set(listed) - set(untracked))
@@ -1499,7 +1511,10 @@ def _write_git_diff(
     untracked: list[str],
     environ: Mapping[str, str],
 ) -> None:
-    tmp_index = diff_path.with_name(f".{diff_path.name}.index")
+    tmp_index, tmp_diff = (
+        diff_path.with_name(f".{diff_path.name}.index"),
+        diff_path.with_name(f".{diff_path.name}.part"),
+    )
     env = git_environment(environ, index=tmp_index if untracked else None)
     try:
         if untracked:
@@ -1507,10 +1522,12 @@ def _write_git_diff(
                 copy_and_hash(index, tmp_index, None)
             paths = b"\0".join(os.fsencode(u) for u in untracked) + b"\0"
             run_git(runner, top, *GIT_ADD_INTENT, env=env, stdin=paths)
-        write_bytes_atomic(diff_path, run_git(runner, top, *GIT_DIFF, base, env=env))
+        run_git(runner, top, *GIT_DIFF, f"--output={tmp_diff}", base, env=env)  # git writes it: no copy in memory
+        os.replace(tmp_diff, diff_path)
     finally:
-        with contextlib.suppress(OSError):
-            tmp_index.unlink()
+        for path in (tmp_index, tmp_diff):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def parse_proc_cpuinfo(text: str) -> dict[str, JSON]:
@@ -1938,6 +1955,9 @@ def collect_context(
         if entry.get("withheld"):
             listed = ", ".join(entry.get("withheld", {}))
             warn(f"{name}: not in {name}.diff, as secrets by name ([redact] files): {listed}", capsule.warnings)
+        if entry.get("too_large"):
+            listed = ", ".join(entry.get("too_large", {}))
+            warn(f"{name}: untracked files too large for {name}.diff, recorded by hash: {listed}", capsule.warnings)
     context["files"] = files = {}
     for spec, path in expand_paths(config.files, root=config.root, env=environ):
         if in_place:  # verify: hash in place, nothing copied or moved

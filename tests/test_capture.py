@@ -465,3 +465,20 @@ def test_listed_files_take_variables_and_globs(repo: Path) -> None:
     assert set(files) == {"runs/a.cfg", "runs/b.cfg", "seed_7.txt"}
     assert (capsule / "seed_7.txt").read_text() == "7\n" and not (repo / "seed_7.txt").exists()
     assert "seed_7.txt" not in (capsule / "project.diff").read_text()  # moved: not diffed
+
+
+def test_untracked_files_have_a_total_budget_beyond_which_they_are_listed_by_hash(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(capsula, "UNTRACKED_TOTAL", 250_000)
+    for i in range(5):
+        (repo / f"big{i}.bin").write_bytes(bytes([i]) * 100_000)
+    capsule = capsula.capture(capsula.load_config(repo), cwd=repo)
+    git_entry = load(capsule.path / "context.json")["git"]["project"]
+    diffed = [f"big{i}.bin" for i in range(5) if f"big{i}.bin" not in git_entry["too_large"]]
+    assert len(diffed) == 2 and set(git_entry["too_large"]) == {f"big{i}.bin" for i in range(5)} - set(diffed)
+    for name, facts in git_entry["too_large"].items():
+        assert facts == {"size": 100_000, "sha256": hashlib.sha256((repo / name).read_bytes()).hexdigest()}
+    patch = (capsule.path / "project.diff").read_text()
+    assert all(f"b/{name}" in patch for name in diffed) and not any(f"b/{n}" in patch for n in git_entry["too_large"])
+    assert "untracked files too large for project.diff, recorded by hash" in capsys.readouterr().err
