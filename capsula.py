@@ -1034,6 +1034,13 @@ class Record(NamedTuple):
         except (OSError, VaultError):  # 0.0.19 kept the text only in post-run-info.json
             return str(self.post.get(name.split(".")[0], "")).encode()
 
+    def output_file(self, name: str) -> Path | None:
+        """The saved output file, when there is one (0.0.19 kept the text inline)."""
+        with contextlib.suppress(VaultError):
+            path = self.inside(name, what=name)
+            return path if path.is_file() else None
+        return None
+
     def diff_files(self) -> dict[str, bytes]:
         """The uncommitted changes of each recorded repository, by name."""
         out = {}
@@ -3003,6 +3010,50 @@ def as_redacted(record: Record) -> ContextRecord:
     return {**record.context, "environment_variables": kept}
 
 
+BIG_OUTPUT = 8 << 20  # bytes: above this, outputs are compared by a bounded, streamed report
+
+
+def compare_outputs(a: Record, b: Record, name: str, *, limit: int = 200) -> list[Finding]:
+    """stdout.txt or stderr.txt of two capsules: a unified diff, or above BIG_OUTPUT, in
+    bounded memory, sizes and sha256 (equal: no finding), the first line that differs and
+    how many lines changed (GNU diff counts them where it is installed)."""
+    fa, fb = a.output_file(name), b.output_file(name)
+    sizes = [f.stat().st_size if f else 0 for f in (fa, fb)]
+    if fa is None or fb is None or max(sizes) <= BIG_OUTPUT:
+        return text_diff(a.output(name), b.output(name), name, limit=limit)
+    ha, hb = hash_file(fa, "sha256"), hash_file(fb, "sha256")
+    if ha == hb:
+        return []
+    first = 1
+    with open(fa, "rb") as ra, open(fb, "rb") as rb:  # in chunks: a line may be long
+        while (ca := ra.read(1 << 20)) == (cb := rb.read(1 << 20)) and ca:
+            first += ca.count(b"\n")
+        same = next((i for i, (x, y) in enumerate(zip(ca, cb, strict=False)) if x != y), min(len(ca), len(cb)))
+        first += ca[:same].count(b"\n")
+    lines = [f"{name}: {sizes[0]} bytes (sha256 {ha[:16]}...) -> {sizes[1]} bytes (sha256 {hb[:16]}...)"]
+    lines.append(f"{name}: first difference at line {first}; " + _changed_lines(fa, fb))
+    return [Finding(name, sizes[0], sizes[1], tuple(lines))]
+
+
+def _changed_lines(fa: Path, fb: Path) -> str:
+    """How many lines a diff of two large files changes, counted from GNU diff's output as it
+    streams (its own memory, not ours)."""
+    import shutil
+
+    tool = shutil.which("diff")
+    if tool is None:
+        return "changed lines: not counted (no diff program on PATH)"
+    finish = start_process(
+        [tool, "-a", "--unchanged-line-format=", "--old-line-format=-\n", "--new-line-format=+\n", str(fa), str(fb)],
+        cwd=Path.cwd(),
+        env=os.environ,
+    )
+    code, out, err = finish()
+    if code not in (0, 1):
+        return f"changed lines: not counted ({err.decode(errors='replace').strip()[:100]})"
+    return f"{out.count(b'-')} lines removed, {out.count(b'+')} added"
+
+
 def diff_capsules(a: Record, b: Record, *, ignore: Sequence[str] = ()) -> list[Finding]:
     """Every difference between two capsules that is not ignored; empty when they match."""
     ignore = (*DEFAULT_IGNORES, *ignore)
@@ -3017,7 +3068,7 @@ def diff_capsules(a: Record, b: Record, *, ignore: Sequence[str] = ()) -> list[F
             findings += text_diff(da.get(name, b""), db.get(name, b""), f"{name}.diff")
     for name in (STDOUT, STDERR) if "command" in (a.kind, b.kind) else ():
         if not _ignored(name, ignore):
-            findings += text_diff(a.output(name), b.output(name), name)
+            findings += compare_outputs(a, b, name)
     return findings
 
 
@@ -3235,7 +3286,7 @@ def compare_runs(old: Record, new: Record) -> list[Finding]:
         ha, hb = ((e or {}).get("file_hash") for e in (fa.get(path), fb.get(path)))
         if ha != hb:
             findings.append(Finding(f"output file {path}", ha or "missing", hb or "missing"))
-    return findings + text_diff(old.output(STDOUT), new.output(STDOUT), STDOUT, limit=40)
+    return findings + compare_outputs(old, new, STDOUT, limit=40)
 
 
 def rerun_capsule(record: Record, *, project: Config, here: bool = False) -> tuple[int, Record | None, list[Finding]]:

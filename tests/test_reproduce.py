@@ -387,3 +387,19 @@ def test_a_submodule_is_recorded_with_its_own_changes_and_rebuilt_by_rerun(repo:
     rerun = run_capsula("rerun", "latest", cwd=repo)
     assert rerun.returncode == 0 and b"reproduced identically" in rerun.stdout, rerun.stdout + rerun.stderr
     assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1  # removed
+
+
+@pytest.mark.stress
+def test_diff_of_large_outputs_is_a_bounded_report_with_the_right_count(repo: Path) -> None:
+    lines = "".join(f"step {i % 1000} loss 0.5\n" for i in range(600_000))  # repetitive, ~14 MB
+    changed = lines.replace("step 7 loss 0.5\n", "step 7 loss 0.6\n", 100)  # 100 lines changed
+    for text in (lines, changed):
+        script = repo / "emit.py"
+        script.write_text(f"import sys; sys.stdout.write(open({str(repo / 'text.txt')!r}).read())\n")
+        (repo / "text.txt").write_text(text)
+        assert run_capsula("monitor", "-q", sys.executable, str(script), cwd=repo).returncode == 0
+    out = run_capsula("diff", "latest~1", "latest", "--ignore", "run_time", cwd=repo).stdout.decode()
+    assert "stdout.txt: first difference at line 8;" in out
+    assert "100 lines removed, 100 added" in out and len(out) < 10_000
+    same = run_capsula("diff", "latest", "latest", cwd=repo)
+    assert same.returncode == 0
