@@ -3021,37 +3021,55 @@ def compare_outputs(a: Record, b: Record, name: str, *, limit: int = 200) -> lis
     sizes = [f.stat().st_size if f else 0 for f in (fa, fb)]
     if fa is None or fb is None or max(sizes) <= BIG_OUTPUT:
         return text_diff(a.output(name), b.output(name), name, limit=limit)
-    ha, hb = hash_file(fa, "sha256"), hash_file(fb, "sha256")
+    counted = _count_changed_lines(fa, fb)  # GNU diff runs on the other core meanwhile
+    ha, hb, first = _hashes_and_first_difference(fa, fb)
+    changed = counted()
     if ha == hb:
         return []
-    first = 1
-    with open(fa, "rb") as ra, open(fb, "rb") as rb:  # in chunks: a line may be long
-        while (ca := ra.read(1 << 20)) == (cb := rb.read(1 << 20)) and ca:
-            first += ca.count(b"\n")
-        same = next((i for i, (x, y) in enumerate(zip(ca, cb, strict=False)) if x != y), min(len(ca), len(cb)))
-        first += ca[:same].count(b"\n")
     lines = [f"{name}: {sizes[0]} bytes (sha256 {ha[:16]}...) -> {sizes[1]} bytes (sha256 {hb[:16]}...)"]
-    lines.append(f"{name}: first difference at line {first}; " + _changed_lines(fa, fb))
+    lines.append(f"{name}: first difference at line {first}; {changed}")
     return [Finding(name, sizes[0], sizes[1], tuple(lines))]
 
 
-def _changed_lines(fa: Path, fb: Path) -> str:
-    """How many lines a diff of two large files changes, counted from GNU diff's output as it
-    streams (its own memory, not ours)."""
+def _hashes_and_first_difference(fa: Path, fb: Path) -> tuple[str, str, int]:
+    """The sha256 of two files and the line where they first differ, in one pass by chunks
+    (a line may be long)."""
+    import hashlib
+
+    da, db, first, found = hashlib.sha256(), hashlib.sha256(), 1, False
+    with open(fa, "rb") as ra, open(fb, "rb") as rb:
+        while (ca := ra.read(1 << 20)) + (cb := rb.read(1 << 20)):
+            da.update(ca)
+            db.update(cb)
+            if not found and ca == cb:
+                first += ca.count(b"\n")
+            elif not found:  # where in these chunks: a binary search of equal prefixes
+                lo, hi, va, vb = 0, min(len(ca), len(cb)), memoryview(ca), memoryview(cb)
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    lo, hi = (mid + 1, hi) if va[: mid + 1] == vb[: mid + 1] else (lo, mid)
+                first, found = first + ca[:lo].count(b"\n"), True
+    return da.hexdigest(), db.hexdigest(), first
+
+
+def _count_changed_lines(fa: Path, fb: Path) -> Callable[[], str]:
+    """Start GNU diff on two large files; the returned callable says how many lines it
+    removed and added (diff's memory, not ours)."""
     import shutil
 
     tool = shutil.which("diff")
     if tool is None:
-        return "changed lines: not counted (no diff program on PATH)"
-    finish = start_process(
-        [tool, "-a", "--unchanged-line-format=", "--old-line-format=-\n", "--new-line-format=+\n", str(fa), str(fb)],
-        cwd=Path.cwd(),
-        env=os.environ,
-    )
-    code, out, err = finish()
-    if code not in (0, 1):
-        return f"changed lines: not counted ({err.decode(errors='replace').strip()[:100]})"
-    return f"{out.count(b'-')} lines removed, {out.count(b'+')} added"
+        return lambda: "changed lines: not counted (no diff program on PATH)"
+    formats = ("--unchanged-line-format=", "--old-line-format=-\n", "--new-line-format=+\n")
+    finish = start_process([tool, "-a", *formats, str(fa), str(fb)], cwd=Path.cwd(), env=os.environ)
+
+    def said() -> str:
+        code, out, err = finish()
+        if code not in (0, 1):
+            return f"changed lines: not counted ({err.decode(errors='replace').strip()[:100]})"
+        return f"{out.count(b'-')} lines removed, {out.count(b'+')} added"
+
+    return said
 
 
 def diff_capsules(a: Record, b: Record, *, ignore: Sequence[str] = ()) -> list[Finding]:
