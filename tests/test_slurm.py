@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -112,6 +112,22 @@ def _wait_for_jobs(env: dict[str, str], timeout: float = 180) -> None:
         time.sleep(0.3)
 
 
+def _until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _scancelled_capsule(cluster: dict[str, str], project: Path, job: str) -> Path:
+    """scancel the job, wait for it to end; its capsule, once Capsula wrote how it ended."""
+    subprocess.run(["scancel", job], env=cluster, check=True)
+    _wait_for_jobs(cluster)
+    (capsule,) = (project / "vault").iterdir()
+    _until((capsule / "post-run-info.json").exists, "post-run-info.json after scancel", timeout=30)
+    return capsule
+
+
 def _batch(env: dict[str, str], repo: Path, body: str, *sbatch: str) -> str:
     script = repo / f"job-{time.monotonic_ns()}.sh"
     script.write_text(f"#!/bin/bash\n{body}\n")
@@ -168,18 +184,9 @@ def test_srun_n4_makes_a_capsule_per_task(cluster: dict[str, str], project: Path
 
 def test_scancel_leaves_an_interrupted_capsule(cluster: dict[str, str], project: Path) -> None:
     job = _batch(cluster, project, f"{CAPSULA_CMD} -- sleep 120")
-    deadline = time.monotonic() + 60
-    while not list((project / "vault").glob("*/pre-run-info.json")):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    _until(lambda: bool(list((project / "vault").glob("*/pre-run-info.json"))), "the run to start")
     time.sleep(0.5)
-    subprocess.run(["scancel", job], env=cluster, check=True)
-    _wait_for_jobs(cluster)
-    (capsule,) = (project / "vault").iterdir()
-    deadline = time.monotonic() + 30
-    while not (capsule / "post-run-info.json").exists():
-        assert time.monotonic() < deadline, "no post-run-info.json after scancel"
-        time.sleep(0.2)
+    capsule = _scancelled_capsule(cluster, project, job)
     post = load(capsule / "post-run-info.json")
     assert post["status"] == "interrupted" and "SIGTERM" in post["signals_received"]
 
@@ -208,19 +215,7 @@ def test_scancel_reaches_the_command_once(cluster: dict[str, str], project: Path
         "print(f'TERM x{len(n)}', flush=True)"
     )
     job = _batch(cluster, project, f'{CAPSULA_CMD} -- "{sys.executable}" -c "{code}"')
-    deadline = time.monotonic() + 60
-    while (
-        not list((project / "vault").glob("*/stdout.txt"))
-        or b"ready" not in next((project / "vault").glob("*/stdout.txt")).read_bytes()
-    ):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    subprocess.run(["scancel", job], env=cluster, check=True)
-    _wait_for_jobs(cluster)
-    (capsule,) = (project / "vault").iterdir()
-    deadline = time.monotonic() + 30
-    while not (capsule / "post-run-info.json").exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    _until(lambda: any(b"ready" in p.read_bytes() for p in project.glob("vault/*/stdout.txt")), "the command to start")
+    capsule = _scancelled_capsule(cluster, project, job)
     assert (capsule / "stdout.txt").read_bytes() == b"ready\nTERM x1\n"
     assert load(capsule / "post-run-info.json")["status"] == "interrupted"
