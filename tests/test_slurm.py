@@ -188,7 +188,10 @@ def test_scancel_leaves_an_interrupted_capsule(cluster: dict[str, str], project:
     time.sleep(0.5)
     capsule = _scancelled_capsule(cluster, project, job)
     post = load(capsule / "post-run-info.json")
-    assert post["status"] == "interrupted" and "SIGTERM" in post["signals_received"]
+    # slurmstepd sends TERM to every process of the step one by one: Capsula may see the command
+    # end of it before its own TERM arrives, and then records the signal that ended the command.
+    assert post["status"] == "interrupted"
+    assert post["signal"] == "SIGTERM" or "SIGTERM" in post.get("signals_received", [])
 
 
 def test_signal_b_usr1_reaches_the_command_through_capsula(cluster: dict[str, str], project: Path) -> None:
