@@ -44,7 +44,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, cast, overload
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, cast, overload
 
 if TYPE_CHECKING:
     import datetime
@@ -232,15 +232,17 @@ def user_error_text(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old file or the whole new one, never a part."""
+def write_bytes_atomic(path: Path, data: bytes, *, room: Path | None = None) -> None:
+    """Write a file so that readers see the old file or the whole new one, never a part.
+    room: a file made ahead to write it in, its blocks already taken (see reserve_room)."""
     import _thread  # the low-level module: threading costs an import for one thread id
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_thread.get_ident()}.tmp")
+    tmp = room or path.with_name(f".{path.name}.{os.getpid()}.{_thread.get_ident()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+        fd = os.open(tmp, os.O_WRONLY if room else os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
         with open(fd, "wb") as f:
             f.write(data)
+            f.truncate()  # the room left over is free again
         os.replace(tmp, path)
     except BaseException as exc:  # a signal mid-write too: never leave the temporary file
         with contextlib.suppress(OSError):
@@ -250,13 +252,13 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def write_json(path: Path, data: object) -> None:
+def write_json(path: Path, data: object, *, room: Path | None = None) -> None:
     """Write JSON atomically, indented as 0.0.19 wrote it."""
     try:
         text = json.dumps(data, indent=4, ensure_ascii=False).encode()
     except UnicodeEncodeError:  # non-UTF-8 file names or values: escaped, so they round-trip
         text = json.dumps(data, indent=4).encode()
-    write_bytes_atomic(path, text + b"\n")
+    write_bytes_atomic(path, text + b"\n", room=room)
 
 
 JSON_READ_LIMIT = 64 << 20  # bytes: a larger capsule file is refused, not loaded
@@ -1779,6 +1781,9 @@ def expand_paths(specs: Sequence[FileSpec], *, root: Path, env: Mapping[str, str
     return found
 
 
+_TAKEN: dict[tuple[str, str], int] = {}  # (vault, name): the suffix this process last took
+
+
 def create_capsule_dir(vault: Path, template: str, when: datetime.datetime) -> Path:
     """Make a new capsule directory; a taken name (same second, another process or host)
     gets a suffix. mkdir is atomic, so two writers never share a capsule."""
@@ -1789,10 +1794,13 @@ def create_capsule_dir(vault: Path, template: str, when: datetime.datetime) -> P
             f"cannot create the vault {vault}: {user_error_text(exc)}; check the path and permissions"
         ) from exc
     base = when.strftime(template)
-    for n in range(1, 1_000_000):
+    first = _TAKEN.get((str(vault), base), 0) + 1  # many capsules in one second: no probe from 1 each time
+    for n in range(first, 1_000_000):
         path = vault / (base if n == 1 else f"{base}_{n}")
         try:
             path.mkdir()
+            _TAKEN.clear()  # one name remembered: the newest
+            _TAKEN[(str(vault), base)] = n
             return path
         except FileExistsError:
             continue
@@ -1890,7 +1898,7 @@ def list_capsule_names(vault: Path) -> list[str]:
 class Capsule:
     """A capsule being written: its directory, settings and what is known so far."""
 
-    __slots__ = ("config", "context", "manifest", "missing", "path", "warnings")
+    __slots__ = ("config", "context", "manifest", "missing", "path", "room", "warnings")
 
     def __init__(self, *, path: Path, config: Config, manifest: Manifest | None = None) -> None:
         self.path = path
@@ -1899,6 +1907,7 @@ class Capsule:
         self.manifest: Manifest = manifest if manifest is not None else {}
         self.warnings: list[str] = []
         self.missing: list[str] = []  # what the context could not record
+        self.room: Path | None = None  # reserve_room()'s file, once it holds its blocks
 
     def write(self, name: str, record: object) -> None:
         write_json(self.path / name, record)
@@ -2000,8 +2009,10 @@ def capture(
     environ: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     runner: Runner = start_process,
+    manifest: Mapping[str, Any] | None = None,
 ) -> Capsule:
-    """Create a capsule and write context.json into it.
+    """Create a capsule and write context.json into it; manifest: what capsule.json says
+    from the start besides (the command or function, its items, its first heartbeat).
 
     Pre-capture commands run first, in the root; the first failure stops the capture with
     a CaptureError, and the capsule keeps what was recorded, marked as failed. A file that
@@ -2012,7 +2023,9 @@ def capture(
     cwd = Path(cwd or os.getcwd())
     started = now()
     path = create_capsule_dir(config.vault, config.capsule_template, started)
-    capsule = Capsule(path=path, config=config, manifest=new_manifest(kind, started))
+    capsule = Capsule(
+        path=path, config=config, manifest=cast("Manifest", new_manifest(kind, started) | dict(manifest or {}))
+    )
     capsule.write_manifest()
     commands: list[CommandRecord] = []
     context = capsule.context
@@ -2534,29 +2547,55 @@ def heartbeat_interval() -> float:
         return HEARTBEAT_SECONDS
 
 
-@contextlib.contextmanager
-def heartbeat(capsule: Capsule) -> Iterator[None]:
-    """While a function runs, capsule.json says every heartbeat_interval() that it still
-    does (a command's beats come from the pump's wait instead): a host that cannot see the
-    process (a login node reading a compute node's capsule) tells a live run from a lost one."""
-    import threading
+def first_beat(every: float) -> dict[str, JSON]:
+    """capsule.json's heartbeat fields when a run starts: alive now, and beating every so often."""
+    return {"heartbeat": now().isoformat(), "heartbeat_seconds": every}
 
-    interval = heartbeat_interval()
-    stop = threading.Event()
 
-    def beat() -> None:
-        while not stop.wait(interval):
-            with contextlib.suppress(CapsulaError):
-                capsule.write_manifest(heartbeat=now().isoformat())
+class Heartbeats:
+    """While decorated functions run, each capsule.json says every heartbeat_interval()
+    that its run still does (a command's beats come from the pump's wait instead): a host
+    that cannot see the process (a login node reading a compute node's capsule) tells a live
+    run from a lost one. One thread per process beats for every running call; a call's last
+    beat is written before ``beating()`` returns, never after, as the last records follow."""
 
-    capsule.write_manifest(heartbeat=now().isoformat(), heartbeat_seconds=interval)
-    thread = threading.Thread(target=beat, name="capsula-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:  # stopped before the last records, which it must never overwrite
-        stop.set()
-        thread.join()
+    def __init__(self) -> None:
+        import threading
+
+        self.wake = threading.Condition()
+        self.running: dict[int, tuple[Capsule, float, float]] = {}  # id: capsule, interval, next beat
+        threading.Thread(target=self._beat, name="capsula-heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        with self.wake:
+            while True:
+                due = min((next_beat for *_, next_beat in self.running.values()), default=None)
+                self.wake.wait(None if due is None else max(due - time.monotonic(), 0))
+                for key, (capsule, every, next_beat) in list(self.running.items()):
+                    if next_beat <= time.monotonic():
+                        with contextlib.suppress(CapsulaError):
+                            capsule.write_manifest(heartbeat=now().isoformat())
+                        self.running[key] = (capsule, every, time.monotonic() + every)
+
+    @contextlib.contextmanager
+    def beating(self, capsule: Capsule) -> Iterator[None]:
+        """Beat for capsule while the block runs, from its first_beat() on."""
+        every = capsule.manifest.get("heartbeat_seconds") or heartbeat_interval()
+        with self.wake:
+            self.running[id(capsule)] = (capsule, every, time.monotonic() + every)
+            self.wake.notify()
+        try:
+            yield
+        finally:
+            with self.wake:
+                del self.running[id(capsule)]
+
+    _each: ClassVar[dict[int, Heartbeats]] = {}
+
+    @classmethod
+    def here(cls) -> Heartbeats:
+        """This process's (a forked child starts its own: the parent's thread is not in it)."""
+        return cls._each.get(os.getpid()) or cls._each.setdefault(os.getpid(), cls())
 
 
 def check_items(config: Config, items: Sequence[str]) -> None:
@@ -2636,13 +2675,15 @@ def monitor_command(
     cwd = Path(cwd or os.getcwd())
     environ = dict(os.environ if environ is None else environ)
     router = SignalRouter()
+    shown = redact_args(args, config.secret_patterns, config.secret_allow) if config.redact_arguments else args
+    every = heartbeat_interval()
+    started = {"command": list(shown), "items": list(items), "rerun_of": rerun_of} | first_beat(every)
     with router.installed():
         try:
             with router.interruptible():
-                capsule = capture(config, kind="command", environ=environ, cwd=cwd)
+                capsule = capture(config, kind="command", environ=environ, cwd=cwd, manifest=started)
         except Interrupted as exc:
             return settle(interrupted_by=exc.signum)[1], None
-        shown = redact_args(args, config.secret_patterns, config.secret_allow) if config.redact_arguments else args
         root, shown_cwd = config.as_recorded(config.root), config.as_recorded(cwd)
         pre = pre_run_record("command", root=root, cwd=shown_cwd, started=now(), items=_items(config, items))
         pre["args"] = list(shown)
@@ -2651,9 +2692,6 @@ def monitor_command(
         if rerun_of:
             pre["rerun_of"] = rerun_of
         capsule.write(PRE_RUN, pre)
-        every = heartbeat_interval()  # the first beat goes with what runs
-        beating = {"heartbeat": now().isoformat(), "heartbeat_seconds": every}
-        capsule.write_manifest(command=list(shown), items=list(items), rerun_of=rerun_of, **beating)
         reserve_room(capsule)
         env = {**environ, "CAPSULE_DIR": str(capsule.path), "CAPSULA_CAPSULE_NAME": capsule.path.name}
         before = items_before(capsule, items, env)
@@ -2688,19 +2726,25 @@ def _items(config: Config, items: Sequence[str]) -> dict[str, Sequence[FileSpec]
     return {name: config.items[name] for name in items}
 
 
-RESERVE = ".reserve"  # room kept in a capsule during a run, for its last records on a full disk
+RESERVE = f".{POST_RUN}.reserve"  # room kept in a capsule during a run, for its last records on a full disk
 RESERVED_BYTES = 256 << 10
 
 
 def reserve_room(capsule: Capsule) -> None:
-    """Take room for the run's last records now: if the run fills the disk, freeing it lets
-    post-run-info.json and capsule.json still say how the run ended."""
-    with contextlib.suppress(OSError):
-        fd = os.open(capsule.path / RESERVE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, RESERVED_BYTES)  # real blocks, not a sparse file
-        finally:
-            os.close(fd)
+    """Take room for the run's last records now: post-run-info.json is written into it, and
+    what it leaves is free for capsule.json, so that they say how the run ended even when
+    the run filled the disk."""
+    try:
+        fd = os.open(capsule.path / RESERVE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError:
+        return
+    try:
+        os.posix_fallocate(fd, 0, RESERVED_BYTES)  # real blocks, not a sparse file
+        capsule.room = capsule.path / RESERVE
+    except OSError:
+        pass  # no room to keep: post-run-info.json is written as any file is
+    finally:
+        os.close(fd)
 
 
 def finish_run(
@@ -2714,8 +2758,8 @@ def finish_run(
     if capsule.warnings:
         post["warnings"] = list(capsule.warnings)
     try:
-        capsule.write(POST_RUN, post)
-    except VaultError as exc:
+        write_json(capsule.path / POST_RUN, post, room=capsule.room)
+    except VaultError as exc:  # too large for the room: freed, then the record without its output
         with contextlib.suppress(OSError):
             (capsule.path / RESERVE).unlink()
         post.update({"stdout": "", "stderr": "", "error": f"{post.get('error') or ''} {exc}".strip()})
@@ -2806,9 +2850,12 @@ def monitor(
                 and is_secret_name(key, config.secret_patterns)
             )
 
+        function = f"{fn.__module__}.{fn.__qualname__}"
+
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            capsule = capture(config, kind="function")
+            started = {"function": function, "items": list(items)} | first_beat(heartbeat_interval())
+            capsule = capture(config, kind="function", manifest=started)
             pre = pre_run_record(
                 "function", root=config.root, cwd=Path.cwd(), started=now(), items=_items(config, items)
             )
@@ -2817,7 +2864,6 @@ def monitor(
             shown += [jsonable(a, hide=hide) for a in args[len(shown) :]]
             pre.update({"args": shown, "kwargs": cast("dict[str, JSON]", jsonable(kwargs, hide=hide))})
             capsule.write(PRE_RUN, pre)
-            capsule.write_manifest(function=f"{fn.__module__}.{fn.__qualname__}", items=list(items))
             reserve_room(capsule)
             before = items_before(capsule, items, os.environ)
             token = _CURRENT_CAPSULE.set(capsule.path)
@@ -2825,7 +2871,7 @@ def monitor(
             outcome: BaseException | None = None
             result: Any = None
             try:
-                with heartbeat(capsule):
+                with Heartbeats.here().beating(capsule):
                     result = fn(*args, **kwargs)
             except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised below
                 outcome = exc

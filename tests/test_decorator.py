@@ -201,3 +201,49 @@ def test_the_decorator_example_runs_from_any_directory(tmp_path: Path) -> None:
     assert load(capsule / "post-run-info.json")["return_value"] == 3.13728
     assert (capsule / "examples" / "pi_dec.txt").read_text() == "3.13728\n"
     assert (capsule / "requirements.txt").exists()  # the pre-capture command's output, moved in
+
+
+def test_calls_running_at_once_each_beat_and_end_with_their_own_record(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import threading
+    import time
+
+    monkeypatch.setenv("CAPSULA_HEARTBEAT_SECONDS", "0.05")
+    beats: dict[str, set[str]] = {"short": set(), "long": set()}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for capsule in (repo / "vault").glob("*"):
+                try:
+                    manifest = json.loads((capsule / "capsule.json").read_text())
+                except (OSError, ValueError):
+                    continue
+                if manifest.get("heartbeat") and manifest.get("function", "").endswith(("short", "long")):
+                    beats[manifest["function"].rsplit(".", 1)[1]].add(manifest["heartbeat"])
+            time.sleep(0.01)
+
+    @capsula.monitor(repo)
+    def short() -> None:
+        time.sleep(0.4)
+
+    @capsula.monitor(repo)
+    def long() -> None:
+        time.sleep(0.8)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    runs = [threading.Thread(target=f) for f in (short, long)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    time.sleep(0.2)  # a beat after a call ended would land here
+    done.set()
+    watcher.join()
+    assert len(beats["short"]) >= 3 and len(beats["long"]) >= 6, beats
+    for capsule in capsules(repo):
+        manifest = load(capsule / "capsule.json")
+        assert manifest["status"] == "completed" and manifest["heartbeat_seconds"] == 0.05
