@@ -242,7 +242,8 @@ def write_bytes_atomic(path: Path, data: bytes, *, room: Path | None = None) -> 
         fd = os.open(tmp, os.O_WRONLY if room else os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
         with open(fd, "wb") as f:
             f.write(data)
-            f.truncate()  # the room left over is free again
+            if room:
+                f.truncate()  # the room left over is free again
         os.replace(tmp, path)
     except BaseException as exc:  # a signal mid-write too: never leave the temporary file
         with contextlib.suppress(OSError):
@@ -1442,12 +1443,10 @@ def collect_git(
         entry["withheld"] = {u: {"size": _untracked_size(top / u), "sha256": _sha256(top / u)} for u in withheld}
     entry["untracked_not_in_diff"] = sorted(set(listed) - set(untracked))
     entry["dirty"] = bool(changed or listed)
-    entry["diff_file"] = diff_path.name
     try:
-        if entry["dirty"]:
+        if entry["dirty"]:  # a clean tree has nothing to diff: no git call, no file
+            entry["diff_file"] = diff_path.name
             _write_git_diff(runner, top, index, diff_path, base=sha or EMPTY_TREE, untracked=untracked, environ=environ)
-        else:  # nothing to diff: no need to ask git
-            write_bytes_atomic(diff_path, b"")
     except (CaptureError, OSError) as exc:
         entry["error"] = f"cannot write {diff_path.name}: {exc}"
     if (top / ".gitmodules").is_file():
