@@ -949,9 +949,16 @@ def settle(
 
 def whoami() -> dict[str, JSON]:
     """Who writes this capsule: enough to tell later a run still going from one whose
-    Capsula process died (same host and boot, pid gone or reused for another process)."""
-    who: dict[str, JSON] = {"capsula_version": __version__, "host": hostname(), "pid": os.getpid()}
-    return who | {"pid_start": process_start(os.getpid()), "boot_id": read_boot_id()}
+    Capsula process died (same host and boot, pid gone or reused for another process).
+    Read once per process (a forked child reads its own)."""
+    pid = os.getpid()
+    if pid not in _WHO:
+        who: dict[str, JSON] = {"capsula_version": __version__, "host": hostname(), "pid": pid}
+        _WHO[pid] = who | {"pid_start": process_start(pid), "boot_id": read_boot_id()}
+    return dict(_WHO[pid])
+
+
+_WHO: dict[int, dict[str, JSON]] = {}
 
 
 def process_start(pid: int) -> int | None:
@@ -1386,31 +1393,51 @@ GIT_ADD_INTENT = ("add", "--intent-to-add", "--pathspec-from-file=-", "--pathspe
 _REPOSITORY_FACTS: dict[tuple[str, int], tuple[bytes, bytes]] = {}  # (path, pid): git's top level, remotes
 
 
+def start_git_reads(path: Path, *, environ: Mapping[str, str], runner: Runner) -> list[Callable[[], bytes]]:
+    """git's reads of a repository, started together so that they overlap: its status and,
+    once per process (a decorated function's later calls make one call), its top level and
+    remotes. collect_git waits for them."""
+    env = git_environment(environ)
+    calls: list[tuple[str, ...]] = [("status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all")]
+    if (str(path), os.getpid()) not in _REPOSITORY_FACTS:
+        calls += [("rev-parse", "--show-toplevel", "--git-path", "index")]
+        calls += [("config", "-z", "--get-regexp", r"^remote\..*\.url$")]  # exit code 1: no remote
+    started: list[Callable[[], bytes]] = []
+    try:
+        for args in calls:
+            started.append(git_start(runner, path, *args, env=env, ok=1 if args[0] == "config" else 0))
+    except BaseException:  # git missing, or no process to spare: none is left running
+        with contextlib.suppress(Exception):
+            wait_all(started)
+        raise
+    return started
+
+
 def collect_git(
-    name: str, rel: str, *, config: Config, into: Path, environ: Mapping[str, str], runner: Runner = start_process
+    name: str,
+    rel: str,
+    *,
+    config: Config,
+    into: Path,
+    environ: Mapping[str, str],
+    runner: Runner = start_process,
+    reads: list[Callable[[], bytes]] | None = None,
 ) -> GitRecord:
     """The state of one repository, and every uncommitted change as a patch in
     ``<into>/<name>.diff``: staged and unstaged changes, binary files, and untracked files
     that are not ignored (each up to UNTRACKED_LIMIT), so that ``git apply --binary`` on a
     clean checkout of ``sha`` recreates the working tree. The user's index is not touched:
-    untracked files are added with --intent-to-add to a copy of it."""
-    root, diff_path, env = config.root, into / f"{name}.diff", git_environment(environ)
+    untracked files are added with --intent-to-add to a copy of it. reads: start_git_reads(),
+    when the capture started them before it made the capsule."""
+    root, diff_path = config.root, into / f"{name}.diff"
     path = root / rel
     entry: GitRecord = {"path": rel, "sha": None, "branch": None, "remotes": []}
     try:
-        # Independent git calls, started together so that they overlap. The top level and
-        # the remotes are read once per process (a decorated function's later calls: one call).
-        known = _REPOSITORY_FACTS.get((str(path), os.getpid()))
-        status = git_start(runner, path, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all", env=env)
-        if known is None:
-            facts = [
-                git_start(runner, path, "rev-parse", "--show-toplevel", "--git-path", "index", env=env),
-                git_start(runner, path, "config", "-z", "--get-regexp", r"^remote\..*\.url$", env=env, ok=1),  # 1: none
-            ]
-            status_out, rev_parse, remotes = wait_all([status, *facts])
-            _REPOSITORY_FACTS[(str(path), os.getpid())] = rev_parse, remotes
+        status_out, *facts = wait_all(reads or start_git_reads(path, environ=environ, runner=runner))
+        if facts:
+            _REPOSITORY_FACTS[(str(path), os.getpid())] = rev_parse, remotes = facts[0], facts[1]
         else:
-            (status_out,), (rev_parse, remotes) = wait_all([status]), known
+            rev_parse, remotes = _REPOSITORY_FACTS[(str(path), os.getpid())]
         sha, branch, changed, untracked_now = parse_git_status(status_out)
         top_s, index_s = rev_parse.decode().splitlines()
         top, index = Path(top_s), path / index_s
@@ -1943,19 +1970,34 @@ def _collector(fn: Callable[[], T], *, thread: bool) -> Callable[[], T | dict[st
     return lambda: value
 
 
+def repositories(config: Config) -> tuple[tuple[str, str], ...]:
+    """The repositories a capture records: (name, path relative to the root)."""
+    return config.git_repositories if config.git_repositories is not None else default_repositories(config.root)
+
+
 def collect_context(
-    capsule: Capsule, environ: Mapping[str, str], *, cwd: Path, runner: Runner = start_process, in_place: bool = False
+    capsule: Capsule,
+    environ: Mapping[str, str],
+    *,
+    cwd: Path,
+    runner: Runner = start_process,
+    in_place: bool = False,
+    reads: dict[str, list[Callable[[], bytes]]] | None = None,
 ) -> ContextRecord:
     """Everything context.json holds but what the capture adds, with independent
     collectors running concurrently. With in_place (verify), listed files are only
-    hashed, never copied or moved; the files stored so far are in capsule.context."""
-    config = capsule.config
-    repos = config.git_repositories if config.git_repositories is not None else default_repositories(config.root)
+    hashed, never copied or moved; the files stored so far are in capsule.context.
+    reads: git's, by repository, when the capture started them early (each is taken)."""
+    config, reads = capsule.config, {} if reads is None else reads
+    repos = repositories(config)
     stamp = _cpuinfo_stamp() if config.include_cpu else None
     cache = HostCache(cache_directory(config.root, environ), stamp)
     thread = len(repos) + config.include_cpu + config.include_packages > 1  # else nothing to overlap
     git = functools.partial(collect_git, config=config, into=capsule.path, environ=environ, runner=runner)
-    pending = {name: _collector(functools.partial(git, name, rel), thread=thread) for name, rel in repos}
+    pending = {
+        name: _collector(functools.partial(git, name, rel, reads=reads.pop(name, None)), thread=thread)
+        for name, rel in repos
+    }
     cpu_facts = functools.partial(collect_cpu, cache, has_cpuinfo=stamp is not None)
     cpu = _collector(cpu_facts, thread=thread) if config.include_cpu else None
     packages = _collector(collect_packages, thread=thread) if config.include_packages else None
@@ -2021,6 +2063,33 @@ def capture(
     environ = os.environ if environ is None else environ
     cwd = Path(cwd or os.getcwd())
     started = now()
+    reads = {}
+    for name, rel in () if config.pre_capture_commands else repositories(config):
+        # nothing to change the tree first: git reads it while the capsule is made; a
+        # failure to start is met again, and recorded, by collect_git
+        with contextlib.suppress(OSError):
+            reads[name] = start_git_reads(config.root / rel, environ=environ, runner=runner)
+    try:
+        return _capture(
+            config, kind=kind, environ=environ, cwd=cwd, runner=runner, manifest=manifest, started=started, reads=reads
+        )
+    finally:
+        for waits in reads.values():  # not taken: the capture failed before it read them
+            with contextlib.suppress(Exception):
+                wait_all(waits)
+
+
+def _capture(
+    config: Config,
+    *,
+    kind: str,
+    environ: Mapping[str, str],
+    cwd: Path,
+    runner: Runner,
+    manifest: Mapping[str, Any] | None,
+    started: datetime.datetime,
+    reads: dict[str, list[Callable[[], bytes]]],
+) -> Capsule:
     path = create_capsule_dir(config.vault, config.capsule_template, started)
     capsule = Capsule(
         path=path, config=config, manifest=cast("Manifest", new_manifest(kind, started) | dict(manifest or {}))
@@ -2041,7 +2110,7 @@ def capture(
                     f"pre-capture command {command!r} failed with exit code {record['exit_code']}: {stderr}; "
                     f"fix it and run again (what was captured is in {path})"
                 )
-        collect_context(capsule, environ, cwd=cwd, runner=runner)
+        collect_context(capsule, environ, cwd=cwd, runner=runner, reads=reads)
         error = file_errors(context.get("files", {}))
         capsule.missing = missing_from(context)
     except BaseException as exc:
