@@ -67,7 +67,9 @@ def _free_ports(n: int) -> list[int]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     missing = [
-        p for p in ("slurmctld", "slurmd", "sbatch", "squeue", "srun", "scancel", "munged") if not shutil.which(p)
+        p
+        for p in ("slurmctld", "slurmd", "sbatch", "squeue", "srun", "scancel", "munged", "munge")
+        if not shutil.which(p)
     ]
     if missing:
         pytest.skip(f"no SLURM here ({', '.join(missing)} missing): .ci/run installs slurm-wlm and munge as root")
@@ -79,20 +81,21 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     ctld, d1, d2 = _free_ports(3)
     (d / "slurm.conf").write_text(CONF.format(d=d, ctld=ctld, d1=d1, d2=d2, cpus=os.cpu_count() or 1))
     env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf")}
-    started_munge = subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0
+    # munge answers only while a live munged runs (a zombie one left by an earlier run does not count)
+    started_munge = subprocess.run(["munge", "-n"], capture_output=True).returncode != 0
     if started_munge:
         Path("/run/munge").mkdir(parents=True, exist_ok=True)
         subprocess.run(["munged", "--force"], capture_output=True)
     subprocess.run(["slurmctld", "-c", "-f", env["SLURM_CONF"]], env=env, check=True)
     for node in ("n1", "n2"):
         subprocess.run(["slurmd", "-N", node, "-f", env["SLURM_CONF"]], env=env, check=True)
-    deadline = time.monotonic() + 30
-    while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout:
-        if time.monotonic() > deadline:
-            log = (d / "slurmctld.log").read_text()[-2000:] if (d / "slurmctld.log").exists() else ""
-            pytest.skip(f"the one-host cluster did not come up: {log}")
-        time.sleep(0.2)
-    try:
+    try:  # from here on, the daemons are stopped however the fixture ends (a skip included)
+        deadline = time.monotonic() + 60
+        while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout:
+            if time.monotonic() > deadline:
+                log = (d / "slurmctld.log").read_text()[-2000:] if (d / "slurmctld.log").exists() else ""
+                pytest.skip(f"the one-host cluster did not come up: {log}")
+            time.sleep(0.2)
         yield env
     finally:
         subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True)
