@@ -2337,6 +2337,8 @@ class Terminal:
         self.pgid, self.fd = pgid, -1
         self.modes: list[Any] | None = None
         self.ttou: Any = None
+        self.window = b""
+        self.on_resize: Callable[[], object] | None = None  # the command's own terminals follow the window
         with contextlib.suppress(OSError, ValueError, AttributeError):
             fd = sys.stdin.fileno()
             if pgid > 0 and os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
@@ -2349,8 +2351,18 @@ class Terminal:
             with contextlib.suppress(termios.error):
                 self.modes = termios.tcgetattr(self.fd)
             self.ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            self.window = self._window()
             self._hand_over()
         return self
+
+    def _window(self) -> bytes:
+        import fcntl
+        import termios
+
+        try:
+            return fcntl.ioctl(self.fd, termios.TIOCGWINSZ, b"\0" * 8)
+        except OSError:
+            return b""
 
     def _hand_over(self) -> None:
         with contextlib.suppress(OSError):
@@ -2372,11 +2384,19 @@ class Terminal:
             self._take_back()
             signal.signal(signal.SIGTTOU, self.ttou)
 
-    def follow_stop(self, pid: int) -> None:
+    def follow(self, pid: int) -> None:
         """If the command stopped (Ctrl-Z): take the terminal back and stop, as the shell
-        expects of its job; once continued (`fg`), hand it over and continue the command."""
+        expects of its job; once continued (`fg`), hand it over and continue the command.
+        If the window was resized: resize the command's terminals and tell it again. The
+        terminal's own SIGWINCH goes to its foreground group, the command, alone; Capsula
+        sees the new size only here, so the command may have read the old one."""
         if self.fd < 0:
             return
+        if self.on_resize is not None and (window := self._window()) != self.window:
+            self.window = window
+            self.on_resize()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pgid, signal.SIGWINCH)
         try:
             info = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG)  # stops only: exits stay to be reaped
         except ChildProcessError:
@@ -2449,7 +2469,7 @@ def _pump(
                 timeout = 0.2 if timeout is None else min(timeout, 0.2)
             events = poller.poll(None if timeout is None else timeout * 1000)
             if terminal is not None and status is None:
-                terminal.follow_stop(pid)
+                terminal.follow(pid)
             if beat is not None and status is None and time.monotonic() >= next_beat:
                 beat()
                 next_beat = time.monotonic() + every
@@ -2578,6 +2598,7 @@ def run_command(
 
             router.on_winch = follow_window
         with Terminal(pid if router.group else -1) as terminal:
+            terminal.on_resize = router.on_winch
             status, rusage = _pump(pid, tees, beat=beat, every=every, terminal=terminal)
     finally:
         if status is None:  # could not open the capsule files, or interrupted: not left behind

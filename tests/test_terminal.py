@@ -101,8 +101,15 @@ def test_ctrl_z_stops_the_run_as_a_job_and_fg_continues_it(repo: Path) -> None:
     """An interactive bash in a terminal: Ctrl-Z stops the command and bash takes over; fg resumes it."""
     master, slave = os.openpty()
     env = {**os.environ, "TERM": "dumb", "PS1": "$ "}
-    bash = subprocess.Popen(["bash", "--norc", "--noprofile", "-i"], cwd=repo, stdin=slave, stdout=slave, stderr=slave,
-                            env=env, start_new_session=True)  # fmt: skip
+    bash = subprocess.Popen(
+        ["bash", "--norc", "--noprofile", "-i"],
+        cwd=repo,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        start_new_session=True,
+    )
     os.close(slave)
     seen = bytearray()
     try:
@@ -127,3 +134,77 @@ def test_ctrl_z_stops_the_run_as_a_job_and_fg_continues_it(repo: Path) -> None:
             bash.wait()
         os.close(master)
     assert load(only_capsule(repo / "vault") / "post-run-info.json")["status"] == "completed"
+
+
+def _controlling(master: int, slave: int, args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
+    """Start ``args`` as the session leader of a terminal that is its controlling terminal, in
+    its foreground, as a login shell's child is."""
+    env = {**os.environ, "TERM": "xterm"}
+
+    def take_terminal() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    return subprocess.Popen(
+        args,
+        cwd=cwd,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        start_new_session=True,
+        preexec_fn=take_terminal,
+    )
+
+
+def test_a_resized_window_resizes_the_commands_terminal(repo: Path) -> None:
+    code = (
+        "import os, signal, sys, time\n"
+        "seen = []  # as a curses program does: the size is read again on each SIGWINCH\n"
+        "signal.signal(signal.SIGWINCH, lambda *a: seen.append(tuple(os.get_terminal_size())))\n"
+        "print('ready', os.get_terminal_size().columns, flush=True)\n"
+        "deadline = time.monotonic() + 20\n"
+        "while (132, 50) not in seen and time.monotonic() < deadline: time.sleep(0.02)\n"
+        "print('resized', *seen[-1], flush=True)\n"
+    )
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = _controlling(
+        master, slave, [sys.executable, str(CAPSULA), "monitor", "-q", sys.executable, "-c", code], repo
+    )
+    os.close(slave)
+    seen = bytearray()
+    try:
+        _until(master, b"ready 80", seen)
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 132, 0, 0))  # the user resizes the window
+        _until(master, b"resized", seen)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    assert b"resized 132 50" in (only_capsule(repo / "vault") / "stdout.txt").read_bytes()
+
+
+@pytest.mark.parametrize("end", ["exit", "kill"])
+def test_the_terminals_modes_are_restored_however_the_run_ends(repo: Path, end: str) -> None:
+    """A command that puts the terminal in raw mode and then dies (or exits without undoing
+    it) leaves the terminal as it found it."""
+    code = "import os, sys, tty; tty.setraw(0); print('raw', flush=True)\n"
+    code += "os.kill(os.getpid(), 9)\n" if end == "kill" else "sys.exit(3)\n"
+    master, slave = os.openpty()
+    before = termios.tcgetattr(slave)
+    proc = _controlling(
+        master, slave, [sys.executable, str(CAPSULA), "monitor", "-q", sys.executable, "-c", code], repo
+    )
+    try:
+        out = _read_all(master, proc)
+        assert proc.wait(timeout=20) == (137 if end == "kill" else 3), out
+        assert b"raw" in out
+        assert termios.tcgetattr(slave) == before
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(slave)
+        os.close(master)
