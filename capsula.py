@@ -42,7 +42,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, cast, overload
 
@@ -3022,26 +3022,198 @@ def summarize(path: Path, *, host: str, boot_id: str | None) -> dict[str, JSON]:
             manifest = manifest_of(read_capsule(path))
     except VaultError:
         manifest = {"status": "unreadable"}
+    return _row(path.name, manifest, host=host, boot_id=boot_id)
+
+
+def _row(name: str, manifest: Manifest, *, host: str, boot_id: str | None) -> dict[str, JSON]:
     what = manifest.get("command") or manifest.get("function") or ""
-    row: dict[str, JSON] = {"name": path.name, "started": manifest.get("started"), "kind": manifest.get("kind")}
+    row: dict[str, JSON] = {"name": name, "started": manifest.get("started"), "kind": manifest.get("kind")}
     row |= {"status": status_as_read(manifest, host=host, boot_id=boot_id), "exit_code": manifest.get("exit_code")}
     row |= {"run_time": manifest.get("run_time"), "git": cast("dict[str, JSON]", manifest.get("git") or {})}
     return row | {"command": " ".join(what) if isinstance(what, list) else what, "rerun_of": manifest.get("rerun_of")}
 
 
-def list_capsules(vault: Path) -> list[dict[str, JSON]]:
-    """Every capsule in the vault, newest first."""
+def printable(text: str) -> str:
+    """Text from a capsule, safe to print on a terminal: control characters (an escape
+    sequence in a hand-made capsule's command) are shown as '?'."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", "?", text)
+
+
+def table_cells(r: Mapping[str, JSON]) -> tuple[str, ...]:
+    """A row of `capsula list` as the cells of its table."""
+    started, run_time, git = str(r["started"] or "-")[:19].replace("T", " "), r["run_time"], r["git"]
+    seconds = f"{run_time:.2f}s" if isinstance(run_time, (int, float)) else "-"
+    repos = cast("dict[str, dict[str, JSON]]", git).values()
+    shas = ",".join(f"{str(g['sha'])[:8]}{'*' if g.get('dirty') else ''}" for g in repos if g.get("sha"))
+    code = "-" if r["exit_code"] is None else r["exit_code"]
+    row = (r["name"], started, r["kind"] or "-", r["status"] or "-", code, seconds, shas or "-", r["command"] or "")
+    return tuple(printable(str(c)) for c in row)
+
+
+def format_table(rows: Iterable[Sequence[str]]) -> str:
+    lines = [("NAME", "STARTED", "KIND", "STATUS", "EXIT", "TIME", "GIT", "COMMAND"), *rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(7)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1] for line in lines
+    )
+
+
+class Listed(NamedTuple):
+    """A capsule as `list`, `latest` and `find` see it: when it started, its table cells,
+    its row as JSON text, and the hashes of the files it recorded as JSON text
+    ([role, path, algorithm, hash, written by this run], ...)."""
+
+    name: str
+    instant: float
+    cells: tuple[str, ...]
+    row: str
+    files: str
+
+
+def _signature(capsule: Path) -> str | None:
+    """What tells that a capsule changed: capsule.json's inode, size and mtime (Capsula
+    rewrites it, whole, whenever the run's state changes)."""
+    try:
+        st = os.lstat(capsule / MANIFEST)
+    except OSError:
+        return None
+    return f"{st.st_ino}.{st.st_size}.{st.st_mtime_ns}"
+
+
+def _listed(path: Path, *, host: str, boot_id: str | None) -> Listed:
+    """Read one capsule for `list` and `find`."""
+    files: list[JSON] = []
+    try:
+        record = read_capsule(path)
+        manifest = manifest_of(record)
+        for role, recorded in (("input", record.context.get("files", {})), ("output", record.post.get("files", {}))):
+            for name, e in recorded.items():
+                if e and e.get("file_hash") and e.get("hash_algorithm"):
+                    files.append(
+                        [role, name, e.get("hash_algorithm"), e.get("file_hash"), e.get("written_by_this_run")]
+                    )
+    except VaultError:
+        manifest = {"status": "unreadable"}
+    row = _row(path.name, manifest, host=host, boot_id=boot_id)
+    text = json.dumps(row, ensure_ascii=False)
+    return Listed(path.name, instant(row["started"]), table_cells(row), text, json.dumps(files, ensure_ascii=False))
+
+
+INDEX_SEGMENTS_MAX = 16  # more segment files than this are merged into one
+
+
+class VaultIndex:
+    """What `list`, `latest` and `find` need of each capsule whose run has ended, kept so
+    that a vault of 100,000 capsules is not read whole every time. It lives in the cache
+    directory, never in the vault, and deleting it loses nothing. Processes on any number
+    of hosts may share it on a network filesystem without locks: it is a set of immutable
+    segment files, each written whole and renamed into place, and a row is used only while
+    the capsule's capsule.json has the inode, size and mtime it had when the row was made;
+    a capsule made or changed since is read afresh. Speed: a row is read, never parsed."""
+
+    def __init__(self, vault: Path, cache: Path | None) -> None:
+        import zlib
+
+        key = zlib.crc32(os.fsencode(os.path.realpath(vault)))
+        self.vault, self.dir = vault, cache / f"index-{key:08x}" if cache else None
+        self.rows: dict[str, list[str]] = {}  # name -> [name, instant, signature, *cells, row, files]
+        self.segments: list[str] = []
+        with contextlib.suppress(OSError):
+            self.segments = sorted(n for n in os.listdir(self.dir or "") if n.endswith(".tsv"))
+        for segment in self.segments:
+            with contextlib.suppress(OSError, UnicodeDecodeError):  # merged away meanwhile: read afresh
+                with open(self.dir / segment, encoding="utf-8") as f:  # type: ignore[operator]
+                    for line in f:
+                        fields = line.rstrip("\n").split("\t")
+                        with contextlib.suppress(ValueError):  # a line made by hand is not used
+                            if len(fields) == 13 and float(fields[1]) is not None:
+                                self.rows[fields[0]] = fields
+
+    def get(self, name: str, *, signature: str | None = None) -> Listed | None:
+        """The indexed capsule ``name``, if its capsule.json has not changed since."""
+        fields = self.rows.get(name)
+        if fields is None or (signature or _signature(self.vault / name)) != fields[2]:
+            return None
+        with contextlib.suppress(ValueError):
+            return Listed(name, float(fields[1]), tuple(fields[3:11]), fields[11], fields[12])
+        return None
+
+    def add(self, fresh: Sequence[tuple[Listed, str | None]], *, present: Iterable[str]) -> None:
+        """Keep the rows of capsules read afresh whose run has ended, in a new segment, or,
+        with too many segments, in one segment that replaces them all."""
+        if self.dir is None:
+            return
+        ended = [(listed, sig) for listed, sig in fresh if sig and listed.cells[3] in FINAL_STATUSES]
+        lines = [line for listed, sig in ended if (line := self._line(listed, sig)) is not None]
+        merge = len(self.segments) >= INDEX_SEGMENTS_MAX
+        if merge:
+            lines += ["\t".join(self.rows[n]) + "\n" for n in present if n in self.rows]
+        if not lines:
+            return
+        import uuid
+
+        with contextlib.suppress(OSError, CapsulaError):
+            self.dir.mkdir(exist_ok=True)
+            data = "".join(lines).encode("utf-8", "surrogateescape")
+            write_bytes_atomic(self.dir / f"{time.time_ns():020d}-{uuid.uuid4().hex}.tsv", data)
+            for old in self.segments if merge else ():
+                with contextlib.suppress(OSError):
+                    os.unlink(self.dir / old)
+
+    @staticmethod
+    def _line(listed: Listed, signature: str | None) -> str | None:
+        fields = [listed.name, repr(listed.instant), signature or "", *listed.cells, listed.row, listed.files]
+        if any(re.search(r"[\t\n\r]", f) for f in fields) or not listed.name.isprintable():
+            return None  # a name that a line could not hold is read afresh each time
+        return "\t".join(fields) + "\n"
+
+
+# A run with one of these has ended: its row no longer changes ("running" depends on who looks, and when).
+FINAL_STATUSES = (COMPLETED, FAILED, INCOMPLETE, INTERRUPTED)
+
+
+def _ordered(rows: Iterable[Listed]) -> list[Listed]:
+    return sorted(rows, key=lambda r: (r.instant, r.name), reverse=True)
+
+
+def list_capsules(vault: Path, cache: Path | None = None) -> list[Listed]:
+    """Every capsule in the vault, newest first: from the index where it holds the capsule
+    as it is, read afresh (and then indexed) where not."""
     host, boot = hostname(), read_boot_id()
-    rows = [summarize(vault / name, host=host, boot_id=boot) for name in list_capsule_names(vault)]
-    return sorted(rows, key=lambda r: (instant(r["started"]), str(r["name"])), reverse=True)
+    index, names = VaultIndex(vault, cache), list_capsule_names(vault)
+    rows, fresh = [], []
+    for name in names:
+        signature = _signature(vault / name)
+        listed = index.get(name, signature=signature) if signature else None
+        if listed is None:
+            listed = _listed(vault / name, host=host, boot_id=boot)
+            fresh.append((listed, signature))
+        rows.append(listed)
+    index.add(fresh, present=names)
+    return _ordered(rows)
 
 
-def resolve_capsule(spec: str, vault: Path) -> Path:
+def latest_capsules(vault: Path, cache: Path | None, count: int) -> list[str]:
+    """The names of the ``count`` newest capsules, newest first. Speed: only the capsules
+    the index lacks are read, and only the newest indexed ones are checked."""
+    host, boot = hostname(), read_boot_id()
+    index, names = VaultIndex(vault, cache), list_capsule_names(vault)
+    known = sorted(((float(index.rows[n][1]), n) for n in names if n in index.rows), reverse=True)
+    best = [_listed(vault / n, host=host, boot_id=boot) for n in names if n not in index.rows]
+    for when, name in known:  # newest first, until the rest are older than the count found
+        top = _ordered(best)[:count]
+        if len(top) >= count and (when, name) < (top[-1].instant, top[-1].name):
+            break
+        best.append(index.get(name) or _listed(vault / name, host=host, boot_id=boot))
+    return [r.name for r in _ordered(best)[:count]]
+
+
+def resolve_capsule(spec: str, vault: Path, cache: Path | None = None) -> Path:
     """A capsule named by path, name, unique name prefix, or ``latest`` / ``latest~N``."""
     if any((Path(spec) / name).is_file() for name in (MANIFEST, CONTEXT, PRE_RUN)):
         return Path(spec).absolute()
     if match := re.fullmatch(r"latest(?:~(\d+))?", spec):
-        ordered = [str(row["name"]) for row in list_capsules(vault)]  # newest first
+        ordered = latest_capsules(vault, cache, int(match[1] or 0) + 1)  # newest first
         if int(match[1] or 0) >= len(ordered):
             raise VaultError(f"{spec}: the vault {vault} holds {len(ordered)} capsule(s)")
         return vault / ordered[int(match[1] or 0)]
@@ -3053,23 +3225,6 @@ def resolve_capsule(spec: str, vault: Path) -> Path:
         raise VaultError(f"no capsule {spec!r} in {vault}; run 'capsula list' to see the names")
     shown = ", ".join(sorted(found)[:3])
     raise VaultError(f"{spec!r} matches {len(found)} capsules in {vault} ({shown}, ...); give more of the name")
-
-
-def format_table(rows: Sequence[dict[str, JSON]]) -> str:
-    def cells(r: Mapping[str, JSON]) -> tuple[str, ...]:
-        started, run_time, git = str(r["started"] or "-")[:19].replace("T", " "), r["run_time"], r["git"]
-        seconds = f"{run_time:.2f}s" if isinstance(run_time, (int, float)) else "-"
-        repos = cast("dict[str, dict[str, JSON]]", git).values()
-        shas = ",".join(f"{str(g['sha'])[:8]}{'*' if g.get('dirty') else ''}" for g in repos if g.get("sha"))
-        code = "-" if r["exit_code"] is None else r["exit_code"]
-        row = (r["name"], started, r["kind"] or "-", r["status"] or "-", code, seconds, shas or "-", r["command"] or "")
-        return tuple(map(str, row))
-
-    lines = [("NAME", "STARTED", "KIND", "STATUS", "EXIT", "TIME", "GIT", "COMMAND"), *map(cells, rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(7)]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1] for line in lines
-    )
 
 
 Key = tuple[str, ...]  # a field: the keys that lead to it
@@ -3508,7 +3663,7 @@ def rerun_capsule(record: Record, *, project: Config, here: bool = False) -> tup
     return code, new, compare_runs(record, new)
 
 
-def find_file(path: Path, vault: Path) -> list[tuple[str, str, str]]:
+def find_file(path: Path, vault: Path, cache: Path | None = None) -> list[tuple[str, str, str]]:
     """(capsule, "input" or "output", recorded path) for every capsule that recorded a file
     with this content."""
 
@@ -3520,15 +3675,13 @@ def find_file(path: Path, vault: Path) -> list[tuple[str, str, str]]:
             return None
 
     found = []
-    for row in list_capsules(vault):
-        with contextlib.suppress(VaultError):
-            record = read_capsule(vault / str(row["name"]))
-            for role, files in (("input", record.context.get("files", {})), ("output", record.post.get("files", {}))):
-                for recorded, e in files.items():
-                    if e and e.get("file_hash") and e.get("hash_algorithm"):
-                        if e.get("file_hash") == digest(str(e.get("hash_algorithm"))):
-                            kept = e.get("written_by_this_run") is False
-                            found.append((record.name, "output (not written by it)" if kept else role, recorded))
+    for listed in list_capsules(vault, cache):
+        if listed.files == "[]":
+            continue
+        for role, recorded, algorithm, file_hash, written in json.loads(listed.files):
+            if file_hash == digest(str(algorithm)):
+                kept = written is False
+                found.append((listed.name, "output (not written by it)" if kept else role, recorded))
     return sorted(found, key=lambda hit: hit[1] == "output (not written by it)")  # the run that wrote it first
 
 
@@ -3577,9 +3730,15 @@ def _project_and_vault(args: argparse.Namespace) -> tuple[Config, Path]:
     return config, Path(args.vault).absolute() if getattr(args, "vault", None) else config.vault
 
 
+def _vault_and_cache(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The vault, and the cache directory that keeps its index (None: no index)."""
+    config, vault = _project_and_vault(args)
+    return vault, cache_directory(config.root, os.environ)
+
+
 def _record(args: argparse.Namespace, spec: str) -> Record:
     """A capsule named on the command line, read; what in it had to be ignored is said."""
-    record = read_capsule(resolve_capsule(spec, _project_and_vault(args)[1]))
+    record = read_capsule(resolve_capsule(spec, *_vault_and_cache(args)))
     for problem in record.problems[:5]:
         warn(f"capsule {record.name}: {problem}; ignored")
     if len(record.problems) > 5:
@@ -3588,8 +3747,8 @@ def _record(args: argparse.Namespace, spec: str) -> Record:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    rows = list_capsules(_project_and_vault(args)[1])
-    print(json.dumps(rows, indent=2, ensure_ascii=False) if args.json else format_table(rows))
+    rows = list_capsules(*_vault_and_cache(args))
+    print(("[\n" + ",\n".join(r.row for r in rows) + "\n]") if args.json else format_table(r.cells for r in rows))
     return 0
 
 
@@ -3674,7 +3833,7 @@ def _cmd_find(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise ConfigError(f"no such file: {path}; give the file whose origin you look for")
-    hits = find_file(path, _project_and_vault(args)[1])
+    hits = find_file(path, *_vault_and_cache(args))
     for name, role, recorded in hits:
         print(f"{name}  {role}  {recorded}")
     if not hits:

@@ -231,17 +231,49 @@ def bench_decorator(report: Report, project: Path, calls: int) -> None:
     report.add("@capsula.monitor per-call overhead", f"{per_call:.1f} ms", "a plain call", "-", None)
 
 
-def bench_list(report: Report, workdir: Path, count: int, runs: int) -> None:
+def _peak_rss(cmd: Sequence[str], *, cwd: Path) -> tuple[float, int]:
+    """Wall time and peak RSS (bytes) of one run of a whole process, its output discarded."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode in (0, 1), cmd  # find exits 1 when nothing matches
+    return time.perf_counter() - start, usage.ru_maxrss * 1024
+
+
+def bench_vault(report: Report, workdir: Path, count: int, runs: int) -> None:
+    """list, show latest and find over a vault of ``count`` capsules made by real runs (copied:
+    each copy a capsule of its own), with what list keeps between calls built by the first."""
     project = make_project(workdir / "listing")
-    subprocess.run([*CAPSULA, "monitor", "-q", "true"], cwd=project, env=env(), check=True)
+    (project / "out.txt").write_text("an output\n")
+    (project / "capsula.toml").write_text(
+        (project / "capsula.toml").read_text() + '\n[monitor.item.bench.files]\n"out.txt" = {}\n'
+    )
+    subprocess.run([*CAPSULA, "monitor", "-q", "-i", "bench", "true"], cwd=project, env=env(), check=True)
     vault = project / "vault"
     (seed,) = [p for p in vault.iterdir() if not p.name.startswith(".")]
+    files = {p.name: p.read_bytes() for p in seed.iterdir() if p.is_file()}
     for i in range(count - 1):
-        shutil.copytree(seed, vault / f"{seed.name}_{i:05d}")
-    elapsed = wall([*CAPSULA, "list"], cwd=project, runs=runs)
+        copy = vault / f"{seed.name}_{i:06d}"
+        copy.mkdir()
+        for name, data in files.items():
+            (copy / name).write_bytes(data)
+    first, _ = _peak_rss([*CAPSULA, "list"], cwd=project)
     listed = subprocess.run([*CAPSULA, "list", "--json"], cwd=project, env=env(), capture_output=True, check=True)
     rows = len(json.loads(listed.stdout))
-    report.add(f"capsula list, {rows} capsules", f"{elapsed:.3f} s", "-", "< 1 s", elapsed < 1 and rows == count)
+    measured = {}
+    for what, args in (("list", ["list"]), ("show latest", ["show", "latest"]), ("find", ["find", "out.txt"])):
+        samples = [_peak_rss([*CAPSULA, *args], cwd=project) for _ in range(runs)]
+        measured[what] = (statistics.median(t for t, _ in samples), max(m for _, m in samples))
+    for what, limit in (("list", 1.0), ("show latest", 0.2), ("find", 1.0)):
+        elapsed, rss = measured[what]
+        report.add(
+            f"capsula {what}, {rows} capsules",
+            f"{elapsed:.3f} s, peak RSS {rss / 2**20:.0f} MiB",
+            f"first list {first:.1f} s" if what == "list" else "-",
+            f"< {limit:g} s",
+            elapsed < limit and rows == count,
+        )
 
 
 def bench_packages(report: Report, project: Path, runs: int) -> None:
@@ -275,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_output(report, project, 50 if args.quick else 200, 3 if args.quick else 11)
         bench_hash(report, work, 128 if args.quick else 1024, 1 if args.quick else 3)
         bench_decorator(report, project, 20 if args.quick else 100)
-        bench_list(report, work, 1000 if args.quick else 10_000, 3 if args.quick else 5)
+        bench_vault(report, work, 1000 if args.quick else 100_000, 3 if args.quick else 5)
         bench_packages(report, project, runs)
     if args.markdown:
         Path(args.markdown).write_text(report.markdown() + "\n")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import CAPSULA, REFERENCE_VAULT, git, load, run_capsula, write_config
@@ -403,3 +404,86 @@ def test_diff_of_large_outputs_is_a_bounded_report_with_the_right_count(repo: Pa
     assert "100 lines removed, 100 added" in out and len(out) < 10_000
     same = run_capsula("diff", "latest", "latest", cwd=repo)
     assert same.returncode == 0
+
+
+def _hand_made(vault: Path, name: str, when: str, *, command: str = "true", status: str = "completed") -> None:
+    (vault / name).mkdir(parents=True, exist_ok=True)
+    manifest = {"kind": "command", "status": status, "started": when, "command": command.split(), "exit_code": 0}
+    (vault / name / "capsule.json").write_text(json.dumps(manifest))
+
+
+def _listing(vault: Path, cwd: Path, cache: Path) -> tuple[list[dict[str, Any]], str]:
+    env = {**os.environ, "CAPSULA_CACHE_DIR": str(cache)}
+    rows = json.loads(ok(run_capsula("list", "--vault", str(vault), "--json", cwd=cwd, env=env)))
+    return rows, ok(run_capsula("list", "--vault", str(vault), cwd=cwd, env=env))
+
+
+def test_list_shows_each_capsule_as_it_is_now_however_often_it_is_listed(tmp_path: Path) -> None:
+    """What list keeps between calls (outside the vault) never shows a capsule other than it
+    is: changed, deleted, added or replaced capsules show as they are, and deleting what was
+    kept changes nothing."""
+    vault, cache = tmp_path / "vault", tmp_path / "cache"
+    for i in range(30):
+        _hand_made(vault, f"run{i:02d}", f"2026-01-01T00:00:{i:02d}+00:00", command=f"python train.py --seed {i}")
+    first = _listing(vault, tmp_path, cache)
+    assert [r["name"] for r in first[0]] == [f"run{i:02d}" for i in reversed(range(30))]
+    assert _listing(vault, tmp_path, cache) == first
+    assert sorted(p.name for p in vault.iterdir()) == [f"run{i:02d}" for i in range(30)]  # capsules only
+
+    _hand_made(vault, "run05", "2026-01-01T00:00:05+00:00", command="python train.py --seed 55", status="failed")
+    shutil.rmtree(vault / "run07")
+    _hand_made(vault, "run99", "2025-12-31T23:59:59+00:00", command="python prepare.py")
+    rows, table = _listing(vault, tmp_path, cache)
+    by_name = {r["name"]: r for r in rows}
+    assert "run07" not in by_name and rows[-1]["name"] == "run99" and len(rows) == 30
+    assert by_name["run05"]["status"] == "failed" and by_name["run05"]["command"] == "python train.py --seed 55"
+    assert "--seed 55" in table and "--seed 5\n" not in table + "\n"
+    shutil.rmtree(cache)
+    assert _listing(vault, tmp_path, cache) == (rows, table)
+    (tmp_path / "a-file").write_text("")
+    assert _listing(vault, tmp_path, tmp_path / "a-file" / "cache") == (rows, table)  # nowhere to keep anything
+
+
+def test_many_lists_between_many_runs_stay_right_and_keep_little(tmp_path: Path) -> None:
+    vault, cache = tmp_path / "vault", tmp_path / "cache"
+    for i in range(40):
+        _hand_made(vault, f"r{i:02d}", f"2026-01-01T00:{i:02d}:00+00:00")
+        rows, _ = _listing(vault, tmp_path, cache)
+        assert [r["name"] for r in rows] == [f"r{j:02d}" for j in reversed(range(i + 1))]
+    assert sum(1 for _ in cache.rglob("*.tsv")) <= 17  # merged as they pile up
+
+
+def test_lists_and_runs_at_once_from_many_processes(project: Path) -> None:
+    """Processes that run and list at once share what list keeps without a lock: every
+    capsule is listed, each once."""
+    code = (
+        "import subprocess, sys\n"
+        "for _ in range(5):\n"
+        f"    subprocess.run([sys.executable, {str(CAPSULA)!r}, 'monitor', '-q', 'true'], check=True)\n"
+        f"    subprocess.run([sys.executable, {str(CAPSULA)!r}, 'list'], check=True, stdout=subprocess.DEVNULL)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=project) for _ in range(6)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 6
+    names = capsules(project)
+    assert len(names) == len(set(names)) == 30 == len(list((project / "vault").iterdir()))
+    assert {r["status"] for r in json.loads(ok(run_capsula("list", "--json", cwd=project)))} == {"completed"}
+
+
+def test_latest_n_follows_the_list_order_also_for_capsules_changed_since(tmp_path: Path) -> None:
+    vault, cache = tmp_path / "vault", tmp_path / "cache"
+    env = {**os.environ, "CAPSULA_CACHE_DIR": str(cache)}
+    for i in range(10):
+        _hand_made(vault, f"r{i}", f"2026-01-01T00:00:0{i}+00:00")
+    _listing(vault, tmp_path, cache)
+    _hand_made(vault, "r2", "2026-02-01T00:00:00+00:00")  # now the newest
+    order = [r["name"] for r in _listing(vault, tmp_path, cache)[0]]
+    for n in range(4):
+        shown = ok(run_capsula("show", f"latest~{n}", "--vault", str(vault), cwd=tmp_path, env=env))
+        assert shown.splitlines()[0].endswith(order[n])
+
+
+def test_a_capsules_text_cannot_drive_the_terminal(tmp_path: Path) -> None:
+    vault = tmp_path / "vault"
+    _hand_made(vault, "evil", "2026-01-01T00:00:00+00:00", command="echo \x1b]0;owned\x07\x1b[2J")
+    table = ok(run_capsula("list", "--vault", str(vault), cwd=tmp_path))
+    assert "\x1b" not in table and "\x07" not in table and "echo ?]0;owned??[2J" in table
