@@ -3050,31 +3050,35 @@ def table_cells(r: Mapping[str, JSON]) -> tuple[str, ...]:
     return tuple(printable(str(c)) for c in row)
 
 
-def format_table(rows: Iterable[Sequence[str]]) -> str:
-    lines = [("NAME", "STARTED", "KIND", "STATUS", "EXIT", "TIME", "GIT", "COMMAND"), *rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(7)]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1] for line in lines
-    )
+def print_table(rows: Sequence[Sequence[str]]) -> None:
+    """Print rows of cells as `capsula list` does: aligned columns, the command last. Speed:
+    the widths come from whole columns, and one format string lays out every line."""
+    head = ("NAME", "STARTED", "KIND", "STATUS", "EXIT", "TIME", "GIT", "COMMAND")
+    columns = list(zip(*rows, strict=False)) or [()] * 8
+    widths = [max(len(head[i]), *map(len, column)) for i, column in enumerate(columns[:7])]
+    line = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}\n"
+    sys.stdout.write(line.format(*head))
+    sys.stdout.writelines(line.format(*row) for row in rows)
 
 
 class Listed(NamedTuple):
-    """A capsule as `list`, `latest` and `find` see it: when it started, its table cells,
-    its row as JSON text, and the hashes of the files it recorded as JSON text
-    ([role, path, algorithm, hash, written by this run], ...)."""
+    """A capsule as `list`, `latest` and `find` see it: its name, when it started, and, tab
+    between them, its 8 table cells, its row as JSON text, and the hashes of the files it
+    recorded as JSON text ([role, path, algorithm, hash, written by this run], ...)."""
 
     name: str
     instant: float
-    cells: tuple[str, ...]
-    row: str
-    files: str
+    text: str
+
+    def parts(self) -> list[str]:
+        return self.text.split("\t")
 
 
-def _signature(capsule: Path) -> str | None:
+def _signature(vault: str, name: str) -> str | None:
     """What tells that a capsule changed: capsule.json's inode, size and mtime (Capsula
     rewrites it, whole, whenever the run's state changes)."""
     try:
-        st = os.lstat(capsule / MANIFEST)
+        st = os.lstat(f"{vault}/{name}/{MANIFEST}")
     except OSError:
         return None
     return f"{st.st_ino}.{st.st_size}.{st.st_mtime_ns}"
@@ -3095,11 +3099,11 @@ def _listed(path: Path, *, host: str, boot_id: str | None) -> Listed:
     except VaultError:
         manifest = {"status": "unreadable"}
     row = _row(path.name, manifest, host=host, boot_id=boot_id)
-    text = json.dumps(row, ensure_ascii=False)
-    return Listed(path.name, instant(row["started"]), table_cells(row), text, json.dumps(files, ensure_ascii=False))
+    parts = [*table_cells(row), json.dumps(row, ensure_ascii=False), json.dumps(files, ensure_ascii=False)]
+    return Listed(path.name, instant(row["started"]), "\t".join(part.replace("\t", " ") for part in parts))
 
 
-INDEX_SEGMENTS_MAX = 16  # more segment files than this are merged into one
+INDEX_SEGMENTS_MAX = 16  # more segments than this are merged into one
 
 
 class VaultIndex:
@@ -3107,35 +3111,47 @@ class VaultIndex:
     that a vault of 100,000 capsules is not read whole every time. It lives in the cache
     directory, never in the vault, and deleting it loses nothing. Processes on any number
     of hosts may share it on a network filesystem without locks: it is a set of immutable
-    segment files, each written whole and renamed into place, and a row is used only while
-    the capsule's capsule.json has the inode, size and mtime it had when the row was made;
-    a capsule made or changed since is read afresh. Speed: a row is read, never parsed."""
+    segments (rows in a .tsv file, then their names, start instants and signatures in a
+    .keys file), each file written whole and renamed into place, and a row is used only
+    while the capsule's capsule.json has the inode, size and mtime it had when the row was
+    made; a capsule made or changed since is read afresh. Speed: `latest` reads only the
+    keys, and a row is split only to be printed."""
 
-    def __init__(self, vault: Path, cache: Path | None) -> None:
+    def __init__(self, vault: Path, cache: Path | None, *, rows: bool = True) -> None:
         import zlib
 
         key = zlib.crc32(os.fsencode(os.path.realpath(vault)))
-        self.vault, self.dir = vault, cache / f"index-{key:08x}" if cache else None
-        self.rows: dict[str, list[str]] = {}  # name -> [name, instant, signature, *cells, row, files]
+        self.vault, self.dir = str(vault), cache / f"index-{key:08x}" if cache else None
+        self.keys: dict[str, tuple[str, str]] = {}  # name -> (instant, signature)
+        self.texts: dict[str, str] = {}  # name -> text, when rows are read
         self.segments: list[str] = []
-        with contextlib.suppress(OSError):
-            self.segments = sorted(n for n in os.listdir(self.dir or "") if n.endswith(".tsv"))
+        with contextlib.suppress(OSError):  # a segment is whole once its .keys file is there
+            self.segments = sorted(n[:-5] for n in os.listdir(self.dir or "") if n.endswith(".keys"))
         for segment in self.segments:
-            with contextlib.suppress(OSError, UnicodeDecodeError):  # merged away meanwhile: read afresh
-                with open(self.dir / segment, encoding="utf-8") as f:  # type: ignore[operator]
-                    for line in f:
-                        fields = line.rstrip("\n").split("\t")
-                        with contextlib.suppress(ValueError):  # a line made by hand is not used
-                            if len(fields) == 13 and float(fields[1]) is not None:
-                                self.rows[fields[0]] = fields
+            self._read(segment, rows=rows)
 
-    def get(self, name: str, *, signature: str | None = None) -> Listed | None:
+    def _read(self, segment: str, *, rows: bool) -> None:
+        assert self.dir is not None
+        with contextlib.suppress(OSError, UnicodeDecodeError):  # merged away meanwhile: read afresh
+            with open(self.dir / f"{segment}.keys", encoding="utf-8", errors="surrogateescape") as f:
+                keys = [line.split("\t") for line in f.read().split("\n") if line]
+            texts = None
+            if rows:
+                with open(self.dir / f"{segment}.tsv", encoding="utf-8", errors="surrogateescape") as f:
+                    texts = f.read().split("\n")
+            for i, fields in enumerate(keys):
+                if len(fields) == 3 and (texts is None or (i < len(texts) and texts[i].count("\t") == 9)):
+                    self.keys[fields[0]] = (fields[1], fields[2])  # a line made by hand is not used
+                    if texts is not None:
+                        self.texts[fields[0]] = texts[i]
+
+    def get(self, name: str, *, signature: str | None) -> Listed | None:
         """The indexed capsule ``name``, if its capsule.json has not changed since."""
-        fields = self.rows.get(name)
-        if fields is None or (signature or _signature(self.vault / name)) != fields[2]:
+        key = self.keys.get(name)
+        if key is None or signature is None or signature != key[1] or name not in self.texts:
             return None
         with contextlib.suppress(ValueError):
-            return Listed(name, float(fields[1]), tuple(fields[3:11]), fields[11], fields[12])
+            return Listed(name, float(key[0]), self.texts[name])
         return None
 
     def add(self, fresh: Sequence[tuple[Listed, str | None]], *, present: Iterable[str]) -> None:
@@ -3143,69 +3159,78 @@ class VaultIndex:
         with too many segments, in one segment that replaces them all."""
         if self.dir is None:
             return
-        ended = [(listed, sig) for listed, sig in fresh if sig and listed.cells[3] in FINAL_STATUSES]
-        lines = [line for listed, sig in ended if (line := self._line(listed, sig)) is not None]
+        ended = [(listed, sig) for listed, sig in fresh if sig and listed.parts()[3] in FINAL_STATUSES]
+        rows = [(r.name, repr(r.instant), sig, r.text) for r, sig in ended if self.holds(r.name, r.text)]
         merge = len(self.segments) >= INDEX_SEGMENTS_MAX
         if merge:
-            lines += ["\t".join(self.rows[n]) + "\n" for n in present if n in self.rows]
-        if not lines:
+            rows += [(n, *self.keys[n], self.texts[n]) for n in present if n in self.texts]
+        if not rows:
             return
         import uuid
 
-        with contextlib.suppress(OSError, CapsulaError):
+        segment = self.dir / f"{time.time_ns():020d}-{uuid.uuid4().hex}"
+        with contextlib.suppress(OSError, ValueError, CapsulaError):  # ValueError: text no file can hold
             self.dir.mkdir(exist_ok=True)
-            data = "".join(lines).encode("utf-8", "surrogateescape")
-            write_bytes_atomic(self.dir / f"{time.time_ns():020d}-{uuid.uuid4().hex}.tsv", data)
+            texts = "".join(f"{text}\n" for *_, text in rows).encode("utf-8", "surrogateescape")
+            write_bytes_atomic(segment.with_suffix(".tsv"), texts)
+            keys = "".join(f"{name}\t{when}\t{sig}\n" for name, when, sig, _ in rows)
+            write_bytes_atomic(segment.with_suffix(".keys"), keys.encode("utf-8", "surrogateescape"))
             for old in self.segments if merge else ():
-                with contextlib.suppress(OSError):
-                    os.unlink(self.dir / old)
+                for suffix in (".keys", ".tsv"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.dir / f"{old}{suffix}")
 
     @staticmethod
-    def _line(listed: Listed, signature: str | None) -> str | None:
-        fields = [listed.name, repr(listed.instant), signature or "", *listed.cells, listed.row, listed.files]
-        if any(re.search(r"[\t\n\r]", f) for f in fields) or not listed.name.isprintable():
-            return None  # a name that a line could not hold is read afresh each time
-        return "\t".join(fields) + "\n"
+    def holds(name: str, text: str) -> bool:
+        """Whether a line can hold this capsule (else it is read afresh each time)."""
+        return name.isprintable() and "\t" not in name and "\n" not in text
 
 
 # A run with one of these has ended: its row no longer changes ("running" depends on who looks, and when).
 FINAL_STATUSES = (COMPLETED, FAILED, INCOMPLETE, INTERRUPTED)
 
 
-def _ordered(rows: Iterable[Listed]) -> list[Listed]:
-    return sorted(rows, key=lambda r: (r.instant, r.name), reverse=True)
-
-
 def list_capsules(vault: Path, cache: Path | None = None) -> list[Listed]:
     """Every capsule in the vault, newest first: from the index where it holds the capsule
     as it is, read afresh (and then indexed) where not."""
     host, boot = hostname(), read_boot_id()
-    index, names = VaultIndex(vault, cache), list_capsule_names(vault)
+    index, names, where = VaultIndex(vault, cache), list_capsule_names(vault), str(vault)
     rows, fresh = [], []
     for name in names:
-        signature = _signature(vault / name)
-        listed = index.get(name, signature=signature) if signature else None
+        signature = _signature(where, name)
+        listed = index.get(name, signature=signature)
         if listed is None:
             listed = _listed(vault / name, host=host, boot_id=boot)
             fresh.append((listed, signature))
         rows.append(listed)
     index.add(fresh, present=names)
-    return _ordered(rows)
+    return sorted(rows, key=lambda r: (r.instant, r.name), reverse=True)
 
 
 def latest_capsules(vault: Path, cache: Path | None, count: int) -> list[str]:
     """The names of the ``count`` newest capsules, newest first. Speed: only the capsules
     the index lacks are read, and only the newest indexed ones are checked."""
+    import heapq
+
     host, boot = hostname(), read_boot_id()
-    index, names = VaultIndex(vault, cache), list_capsule_names(vault)
-    known = sorted(((float(index.rows[n][1]), n) for n in names if n in index.rows), reverse=True)
-    best = [_listed(vault / n, host=host, boot_id=boot) for n in names if n not in index.rows]
-    for when, name in known:  # newest first, until the rest are older than the count found
-        top = _ordered(best)[:count]
-        if len(top) >= count and (when, name) < (top[-1].instant, top[-1].name):
-            break
-        best.append(index.get(name) or _listed(vault / name, host=host, boot_id=boot))
-    return [r.name for r in _ordered(best)[:count]]
+    index, names, where = VaultIndex(vault, cache, rows=False), list_capsule_names(vault), str(vault)
+    known = []
+    for n in names:
+        if n in index.keys:
+            with contextlib.suppress(ValueError):
+                known.append((float(index.keys[n][0]), n))
+    best = [(_listed(vault / n, host=host, boot_id=boot).instant, n) for n in names if n not in index.keys]
+    checked: set[str] = set()
+    for limit in (count + 16, len(known)):  # the newest few; all, only if many of those changed
+        for when, name in heapq.nlargest(limit, known):  # newest first, until the rest are older
+            top = heapq.nlargest(count, best)
+            if len(top) >= count and (when, name) < top[-1]:
+                return [name for _, name in sorted(best, reverse=True)[:count]]
+            if name not in checked:
+                checked.add(name)
+                unchanged = _signature(where, name) == index.keys[name][1]
+                best.append((when if unchanged else _listed(vault / name, host=host, boot_id=boot).instant, name))
+    return [name for _, name in sorted(best, reverse=True)[:count]]
 
 
 def resolve_capsule(spec: str, vault: Path, cache: Path | None = None) -> Path:
@@ -3676,9 +3701,9 @@ def find_file(path: Path, vault: Path, cache: Path | None = None) -> list[tuple[
 
     found = []
     for listed in list_capsules(vault, cache):
-        if listed.files == "[]":
+        if listed.text.endswith("\t[]"):
             continue
-        for role, recorded, algorithm, file_hash, written in json.loads(listed.files):
+        for role, recorded, algorithm, file_hash, written in json.loads(listed.parts()[9]):
             if file_hash == digest(str(algorithm)):
                 kept = written is False
                 found.append((listed.name, "output (not written by it)" if kept else role, recorded))
@@ -3748,7 +3773,10 @@ def _record(args: argparse.Namespace, spec: str) -> Record:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     rows = list_capsules(*_vault_and_cache(args))
-    print(("[\n" + ",\n".join(r.row for r in rows) + "\n]") if args.json else format_table(r.cells for r in rows))
+    if args.json:
+        print("[\n" + ",\n".join(r.parts()[8] for r in rows) + "\n]")
+    else:
+        print_table([r.text.split("\t", 8)[:8] for r in rows])
     return 0
 
 
