@@ -3036,7 +3036,7 @@ def _row(name: str, manifest: Manifest, *, host: str, boot_id: str | None) -> di
 def printable(text: str) -> str:
     """Text from a capsule, safe to print on a terminal: control characters (an escape
     sequence in a hand-made capsule's command) are shown as '?'."""
-    return re.sub(r"[\x00-\x1f\x7f-\x9f]", "?", text)
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", "?", text)
 
 
 def table_cells(r: Mapping[str, JSON]) -> tuple[str, ...]:

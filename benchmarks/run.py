@@ -35,12 +35,14 @@ def env() -> dict[str, str]:
     return {**os.environ, **GIT_ENV, "PYTHONPATH": str(REPO)}
 
 
-def wall(cmd: Sequence[str], *, cwd: Path, runs: int, stdout: int | None = subprocess.DEVNULL) -> float:
+def wall(
+    cmd: Sequence[str], *, cwd: Path, runs: int, stdout: int | None = subprocess.DEVNULL, check: bool = True
+) -> float:
     """Median wall time of a whole process, in seconds."""
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        subprocess.run(cmd, cwd=cwd, env=env(), stdout=stdout, stderr=subprocess.DEVNULL, check=True)
+        subprocess.run(cmd, cwd=cwd, env=env(), stdout=stdout, stderr=subprocess.DEVNULL, check=check)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -155,21 +157,26 @@ def bench_output(report: Report, project: Path, size_mb: int, runs: int) -> None
     times: dict[str, list[float]] = {name: [] for name in commands}
     peak = 0
     # bare and capsula interleaved, so that a slow spell of the machine hits both; tee after.
-    for names in [("bare", "capsula")] * runs + [("tee",)] * runs:
+    # The capsules are kept, as a user keeps them (their writes back to disk go on meanwhile,
+    # as they would), and deleted at the end.
+    # Each run writes a new output file, as a program writing its results does (overwriting
+    # one file would drop the last run's unwritten pages, which only the bare run profits from).
+    kept = []
+    for i, names in enumerate([("bare", "capsula")] * runs + [("tee",)] * runs):
         for name in names:
-            os.sync()  # nothing left to write back from the run before: each is timed on its own writes
-            elapsed, rss = peak_rss_while_running(commands[name], cwd=project, stdout_path=sink)
+            kept.append(sink.with_name(f"out-{name}-{i}.bin"))
+            elapsed, rss = peak_rss_while_running(commands[name], cwd=project, stdout_path=kept[-1])
             times[name].append(elapsed)
             peak = max(peak, rss) if name == "capsula" else peak
-            # Kept, the capsules' 200 MB each would pile up over the runs, and the later runs
-            # would time the disk's backlog rather than Capsula.
-            for capsule in (project / "vault").glob("[!.]*"):
-                shutil.rmtree(capsule)
+    for capsule in (project / "vault").glob("[!.]*"):
+        shutil.rmtree(capsule)
+    for path in kept:
+        path.unlink()
     tee_file.unlink()
     bare, wall_time, tee = (statistics.median(times[name]) for name in commands)
     ratio = wall_time / bare
     report.add(
-        f"{size_mb} MB of output, wall",
+        f"{size_mb} MB of output, capsules kept, wall",
         f"{wall_time:.2f} s = {ratio:.2f}x",
         f"bare to a file {bare:.2f} s; `| tee file` {tee:.2f} s = {tee / bare:.2f}x",
         "<= 3x",
@@ -213,7 +220,7 @@ def bench_hash(report: Report, workdir: Path, size_mb: int, runs: int) -> None:
         f"{moved * 1e3:.2f} ms",
         "a rename",
         "< 50 ms",
-        moved < 0.05 and dest.stat().st_ino,
+        moved < 0.05 and dest.stat().st_ino > 0,
     )
 
 
@@ -276,6 +283,38 @@ def bench_vault(report: Report, workdir: Path, count: int, runs: int) -> None:
         )
 
 
+def bench_diff(report: Report, workdir: Path, size_mb: int, runs: int) -> None:
+    """`capsula diff` of two runs whose stdout is ``size_mb`` MB of repetitive lines, 100 of
+    them changed, against GNU diff on the same two files."""
+    project = make_project(workdir / "diffing")
+    text = workdir / "text.txt"
+    emit = f"import shutil, sys; shutil.copyfileobj(open({str(text)!r}, 'rb'), sys.stdout.buffer)"
+    lines = b"".join(b"step %d loss 0.5 accuracy 0.25 lr 0.001\n" % (i % 1000) for i in range(100_000))
+    block = lines * max(1, (size_mb << 20) // len(lines))
+    for data in (block, block.replace(b"step 7 loss 0.5", b"step 7 loss 0.6", 100)):
+        text.write_bytes(data)
+        subprocess.run(
+            [*CAPSULA, "monitor", "-q", PY, "-c", emit], cwd=project, env=env(), check=True, stdout=subprocess.DEVNULL
+        )
+    a, b = sorted(p for p in (project / "vault").iterdir())
+    gnu = wall(["diff", str(a / "stdout.txt"), str(b / "stdout.txt")], cwd=project, runs=runs, check=False)
+    # Capsula's own peak (VmHWM): the GNU diff it starts to count lines is measured above.
+    out = workdir / "diff-out.txt"
+    samples = [
+        peak_rss_while_running([*CAPSULA, "diff", a.name, b.name], cwd=project, stdout_path=out) for _ in range(runs)
+    ]
+    ours, rss = statistics.median(t for t, _ in samples), max(m for _, m in samples)
+    said = subprocess.run([*CAPSULA, "diff", a.name, b.name], cwd=project, env=env(), capture_output=True).stdout
+    right = b"100 lines removed, 100 added" in said
+    report.add(
+        f"diff of two {len(block) >> 20} MB outputs",
+        f"{ours:.2f} s = {ours / gnu:.2f}x, peak RSS {rss / 2**20:.0f} MiB, count {'right' if right else 'WRONG'}",
+        f"GNU diff {gnu:.2f} s",
+        "<= 2x, < 100 MiB",
+        ours <= 2 * gnu and rss < 100 << 20 and right,
+    )
+
+
 def bench_packages(report: Report, project: Path, runs: int) -> None:
     ours = wall([PY, "-c", "import capsula; capsula.collect_packages()"], cwd=project, runs=runs)
     pip = wall([PY, "-m", "pip", "freeze"], cwd=project, runs=max(3, runs // 3))
@@ -307,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_output(report, project, 50 if args.quick else 200, 3 if args.quick else 11)
         bench_hash(report, work, 128 if args.quick else 1024, 1 if args.quick else 3)
         bench_decorator(report, project, 20 if args.quick else 100)
+        bench_diff(report, work, 10 if args.quick else 100, 3 if args.quick else 5)
         bench_vault(report, work, 1000 if args.quick else 100_000, 3 if args.quick else 5)
         bench_packages(report, project, runs)
     if args.markdown:
