@@ -136,7 +136,7 @@ def test_ctrl_z_stops_the_run_as_a_job_and_fg_continues_it(repo: Path) -> None:
     assert load(only_capsule(repo / "vault") / "post-run-info.json")["status"] == "completed"
 
 
-def _controlling(master: int, slave: int, args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
+def _controlling(slave: int, args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
     """Start ``args`` as the session leader of a terminal that is its controlling terminal, in
     its foreground, as a login shell's child is."""
     env = {**os.environ, "TERM": "xterm"}
@@ -168,9 +168,7 @@ def test_a_resized_window_resizes_the_commands_terminal(repo: Path) -> None:
     )
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    proc = _controlling(
-        master, slave, [sys.executable, str(CAPSULA), "monitor", "-q", sys.executable, "-c", code], repo
-    )
+    proc = _controlling(slave, [sys.executable, str(CAPSULA), "monitor", "-q", sys.executable, "-c", code], repo)
     os.close(slave)
     seen = bytearray()
     try:
@@ -194,9 +192,7 @@ def test_the_terminals_modes_are_restored_however_the_run_ends(repo: Path, end: 
     code += "os.kill(os.getpid(), 9)\n" if end == "kill" else "sys.exit(3)\n"
     master, slave = os.openpty()
     before = termios.tcgetattr(slave)
-    proc = _controlling(
-        master, slave, [sys.executable, str(CAPSULA), "monitor", "-q", sys.executable, "-c", code], repo
-    )
+    proc = _controlling(slave, [sys.executable, str(CAPSULA), "monitor", "-q", sys.executable, "-c", code], repo)
     try:
         out = _read_all(master, proc)
         assert proc.wait(timeout=20) == (137 if end == "kill" else 3), out
