@@ -238,16 +238,6 @@ def bench_decorator(report: Report, project: Path, calls: int) -> None:
     report.add("@capsula.monitor per-call overhead", f"{per_call:.1f} ms", "a plain call", "-", None)
 
 
-def _peak_rss(cmd: Sequence[str], *, cwd: Path) -> tuple[float, int]:
-    """Wall time and peak RSS (bytes) of one run of a whole process, its output discarded."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode in (0, 1), cmd  # find exits 1 when nothing matches
-    return time.perf_counter() - start, usage.ru_maxrss * 1024
-
-
 def bench_vault(report: Report, workdir: Path, count: int, runs: int) -> None:
     """list, show latest and find over a vault of ``count`` capsules made by real runs (copied:
     each copy a capsule of its own), with what list keeps between calls built by the first."""
@@ -265,12 +255,13 @@ def bench_vault(report: Report, workdir: Path, count: int, runs: int) -> None:
         copy.mkdir()
         for name, data in files.items():
             (copy / name).write_bytes(data)
-    first, _ = _peak_rss([*CAPSULA, "list"], cwd=project)
+    out = workdir / "vault-out.txt"  # peak RSS by VmHWM: a forked child's ru_maxrss counts its parent's
+    first, _ = peak_rss_while_running([*CAPSULA, "list"], cwd=project, stdout_path=out)
     listed = subprocess.run([*CAPSULA, "list", "--json"], cwd=project, env=env(), capture_output=True, check=True)
     rows = len(json.loads(listed.stdout))
     measured = {}
     for what, args in (("list", ["list"]), ("show latest", ["show", "latest"]), ("find", ["find", "out.txt"])):
-        samples = [_peak_rss([*CAPSULA, *args], cwd=project) for _ in range(runs)]
+        samples = [peak_rss_while_running([*CAPSULA, *args], cwd=project, stdout_path=out) for _ in range(runs)]
         measured[what] = (statistics.median(t for t, _ in samples), max(m for _, m in samples))
     for what, limit in (("list", 1.0), ("show latest", 0.2), ("find", 1.0)):
         elapsed, rss = measured[what]
