@@ -3066,8 +3066,8 @@ class Listed(NamedTuple):
     between them, its 8 table cells, its row as JSON text, and the hashes of the files it
     recorded as JSON text ([role, path, algorithm, hash, written by this run], ...)."""
 
+    instant: float  # first, so that rows sort by (instant, name) as plain tuples
     name: str
-    instant: float
     text: str
 
     def parts(self) -> list[str]:
@@ -3100,7 +3100,7 @@ def _listed(path: Path, *, host: str, boot_id: str | None) -> Listed:
         manifest = {"status": "unreadable"}
     row = _row(path.name, manifest, host=host, boot_id=boot_id)
     parts = [*table_cells(row), json.dumps(row, ensure_ascii=False), json.dumps(files, ensure_ascii=False)]
-    return Listed(path.name, instant(row["started"]), "\t".join(part.replace("\t", " ") for part in parts))
+    return Listed(instant(row["started"]), path.name, "\t".join(part.replace("\t", " ") for part in parts))
 
 
 INDEX_SEGMENTS_MAX = 16  # more segments than this are merged into one
@@ -3122,7 +3122,7 @@ class VaultIndex:
 
         key = zlib.crc32(os.fsencode(os.path.realpath(vault)))
         self.vault, self.dir = str(vault), cache / f"index-{key:08x}" if cache else None
-        self.keys: dict[str, tuple[str, str]] = {}  # name -> (instant, signature)
+        self.keys: dict[str, tuple[float, str]] = {}  # name -> (instant, signature)
         self.texts: dict[str, str] = {}  # name -> text, when rows are read
         self.segments: list[str] = []
         with contextlib.suppress(OSError):  # a segment is whole once its .keys file is there
@@ -3141,18 +3141,19 @@ class VaultIndex:
                     texts = f.read().split("\n")
             for i, fields in enumerate(keys):
                 if len(fields) == 3 and (texts is None or (i < len(texts) and texts[i].count("\t") == 9)):
-                    self.keys[fields[0]] = (fields[1], fields[2])  # a line made by hand is not used
-                    if texts is not None:
-                        self.texts[fields[0]] = texts[i]
+                    with contextlib.suppress(ValueError):  # a line made by hand is not used
+                        if (when := float(fields[1])) != when:
+                            continue  # NaN: it would not sort
+                        self.keys[fields[0]] = (when, fields[2])
+                        if texts is not None:
+                            self.texts[fields[0]] = texts[i]
 
     def get(self, name: str, *, signature: str | None) -> Listed | None:
         """The indexed capsule ``name``, if its capsule.json has not changed since."""
         key = self.keys.get(name)
         if key is None or signature is None or signature != key[1] or name not in self.texts:
             return None
-        with contextlib.suppress(ValueError):
-            return Listed(name, float(key[0]), self.texts[name])
-        return None
+        return Listed(key[0], name, self.texts[name])
 
     def add(self, fresh: Sequence[tuple[Listed, str | None]], *, present: Iterable[str]) -> None:
         """Keep the rows of capsules read afresh whose run has ended, in a new segment, or,
@@ -3163,7 +3164,7 @@ class VaultIndex:
         rows = [(r.name, repr(r.instant), sig, r.text) for r, sig in ended if self.holds(r.name, r.text)]
         merge = len(self.segments) >= INDEX_SEGMENTS_MAX
         if merge:
-            rows += [(n, *self.keys[n], self.texts[n]) for n in present if n in self.texts]
+            rows += [(n, repr(self.keys[n][0]), self.keys[n][1], self.texts[n]) for n in present if n in self.texts]
         if not rows:
             return
         import uuid
@@ -3204,7 +3205,7 @@ def list_capsules(vault: Path, cache: Path | None = None) -> list[Listed]:
             fresh.append((listed, signature))
         rows.append(listed)
     index.add(fresh, present=names)
-    return sorted(rows, key=lambda r: (r.instant, r.name), reverse=True)
+    return sorted(rows, reverse=True)  # newest first: by instant, then name
 
 
 def latest_capsules(vault: Path, cache: Path | None, count: int) -> list[str]:
@@ -3214,11 +3215,7 @@ def latest_capsules(vault: Path, cache: Path | None, count: int) -> list[str]:
 
     host, boot = hostname(), read_boot_id()
     index, names, where = VaultIndex(vault, cache, rows=False), list_capsule_names(vault), str(vault)
-    known = []
-    for n in names:
-        if n in index.keys:
-            with contextlib.suppress(ValueError):
-                known.append((float(index.keys[n][0]), n))
+    known = [(index.keys[n][0], n) for n in names if n in index.keys]
     best = [(_listed(vault / n, host=host, boot_id=boot).instant, n) for n in names if n not in index.keys]
     checked: set[str] = set()
     for limit in (count + 16, len(known)):  # the newest few; all, only if many of those changed
