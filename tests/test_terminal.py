@@ -97,19 +97,29 @@ def _until(master: int, wanted: bytes, seen: bytearray, timeout: float = 20) -> 
             seen += os.read(master, 65536)
 
 
-def test_ctrl_z_stops_the_run_as_a_job_and_fg_continues_it(repo: Path) -> None:
-    """An interactive bash in a terminal: Ctrl-Z stops the command and bash takes over; fg resumes it."""
-    master, slave = os.openpty()
-    env = {**os.environ, "TERM": "dumb", "PS1": "$ "}
-    bash = subprocess.Popen(
-        ["bash", "--norc", "--noprofile", "-i"],
-        cwd=repo,
+def _controlling(slave: int, args: list[str], cwd: Path, **env: str) -> subprocess.Popen[bytes]:
+    """Start ``args`` as the session leader of a terminal that is its controlling terminal, in
+    its foreground, as a login shell is."""
+
+    def take_terminal() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    return subprocess.Popen(
+        args,
+        cwd=cwd,
         stdin=slave,
         stdout=slave,
         stderr=slave,
-        env=env,
+        env={**os.environ, "TERM": "xterm", **env},
         start_new_session=True,
+        preexec_fn=take_terminal,
     )
+
+
+def test_ctrl_z_stops_the_run_as_a_job_and_fg_continues_it(repo: Path) -> None:
+    """An interactive bash in a terminal: Ctrl-Z stops the command and bash takes over; fg resumes it."""
+    master, slave = os.openpty()
+    bash = _controlling(slave, ["bash", "--norc", "--noprofile", "-i"], repo, TERM="dumb", PS1="$ ")
     os.close(slave)
     seen = bytearray()
     try:
@@ -134,26 +144,6 @@ def test_ctrl_z_stops_the_run_as_a_job_and_fg_continues_it(repo: Path) -> None:
             bash.wait()
         os.close(master)
     assert load(only_capsule(repo / "vault") / "post-run-info.json")["status"] == "completed"
-
-
-def _controlling(slave: int, args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
-    """Start ``args`` as the session leader of a terminal that is its controlling terminal, in
-    its foreground, as a login shell's child is."""
-    env = {**os.environ, "TERM": "xterm"}
-
-    def take_terminal() -> None:
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    return subprocess.Popen(
-        args,
-        cwd=cwd,
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env=env,
-        start_new_session=True,
-        preexec_fn=take_terminal,
-    )
 
 
 def test_a_resized_window_resizes_the_commands_terminal(repo: Path) -> None:
