@@ -25,6 +25,8 @@ below lives in one function, says why in a comment, and has a test of its behavi
     spawn()         posix_spawn: no fork of this interpreter and no `subprocess` import
     start_process() git's output goes to memfd files: three git calls overlap, no threads
     HostCache       platform and CPU facts, once per boot, outside the vault
+    collect_packages() the metadata headers read directly: no importlib.metadata import
+    VaultIndex      list, latest and find read ended capsules' rows from a few files
     _monitor_args() `capsula monitor`'s usual arguments are parsed without argparse
     _Tee.pump()     output moves pipe -> file -> terminal inside the kernel
     cli()           the program exits without the interpreter's teardown
@@ -1736,28 +1738,43 @@ def _cpuinfo_dict() -> JSON:
     return dict(cpuinfo.get_cpu_info())
 
 
-def collect_packages() -> dict[str, JSON]:
-    """Installed distributions read in-process: name -> version, and the source of
-    direct-URL and editable installs."""
-    from importlib import metadata
-
+def collect_packages(path: Sequence[str] | None = None) -> dict[str, JSON]:
+    """Installed distributions, found as importlib.metadata finds them (the .dist-info and
+    .egg-info entries of each folder on sys.path, the first of a name winning, as at import
+    time): name -> version, and the source of direct-URL and editable installs. Speed:
+    importlib.metadata's import (email, zipfile, csv) costs more than reading the headers."""
     out: dict[str, JSON] = {}
-    for dist in metadata.distributions():
-        name, version = _name_and_version(dist.read_text("METADATA") or dist.read_text("PKG-INFO") or "")
-        key = re.sub(r"[-_.]+", "-", name).lower()
-        if not name or key in out:  # the first on sys.path wins, as at import time
+    for folder in sys.path if path is None else path:
+        try:
+            with os.scandir(folder or ".") as it:
+                found = sorted(e.path for e in it if e.name.lower().endswith((".dist-info", ".egg-info")))
+        except OSError:  # missing, not a folder, or a zip file: importlib reads no metadata there either
             continue
-        entry: dict[str, JSON] = {"name": name, "version": version}
-        direct = dist.read_text("direct_url.json")
-        if direct:
-            with contextlib.suppress(ValueError, AttributeError):
-                data = json.loads(direct)
+        for info in found:
+            name, version = _name_and_version(_read_head(info))
+            key = re.sub(r"[-_.]+", "-", name).lower()
+            if not name or key in out:
+                continue
+            entry: dict[str, JSON] = {"name": name, "version": version}
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                with open(os.path.join(info, "direct_url.json"), "rb") as f:
+                    data = json.loads(f.read())
                 entry["source"] = strip_credentials(str(data.get("url", "")))
                 entry["editable"] = bool(data.get("dir_info", {}).get("editable", False))
                 if "vcs_info" in data:
                     entry["commit"] = data["vcs_info"].get("commit_id")
-        out[key] = entry
+            out[key] = entry
     return dict(sorted(out.items()))
+
+
+def _read_head(info: str) -> str:
+    """The start of a distribution's metadata, where its headers are: METADATA of a
+    .dist-info, PKG-INFO of an .egg-info folder, or the .egg-info file itself."""
+    for candidate in (os.path.join(info, "METADATA"), os.path.join(info, "PKG-INFO"), info):
+        with contextlib.suppress(OSError):
+            with open(candidate, "rb") as f:
+                return f.read(1 << 16).decode("utf-8", "replace")
+    return ""
 
 
 def _name_and_version(metadata_text: str) -> tuple[str, str]:

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from conftest import REFERENCE_VAULT, git, load, run_capsula, write_config
@@ -222,3 +222,34 @@ def test_a_capsule_naming_another_repository_never_reaches_it(repo: Path, tmp_pa
         result = run_capsula(*args, cwd=repo)
         assert b"Traceback" not in result.stderr, result.stderr
     assert sorted(p.name for p in (other / ".git").rglob("*")) == before  # not a worktree, not an index
+
+
+def test_collect_packages_finds_what_importlib_metadata_finds(tmp_path: Path) -> None:
+    """Each layout pip, setuptools and old eggs leave, the first of a name on the path
+    winning; the same answer as importlib.metadata on this very interpreter."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    (first / "Foo_Bar-1.0.dist-info").mkdir(parents=True)
+    (first / "Foo_Bar-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: Foo_Bar\nVersion: 1.0\n\nName: not a header\n" + "x" * 200_000
+    )
+    (first / "old.egg-info").mkdir()
+    (first / "old.egg-info" / "PKG-INFO").write_text("Metadata-Version: 1.0\nName: old\nVersion: 0.9\n")
+    (first / "single.egg-info").write_text("Metadata-Version: 1.0\nName: single\nVersion: 3\n")
+    (first / "broken.dist-info").mkdir()  # no metadata: not a distribution
+    (second / "foo.bar-2.0.dist-info").mkdir(parents=True)
+    (second / "foo.bar-2.0.dist-info" / "METADATA").write_text("Name: foo.bar\nVersion: 2.0\n")
+    (second / "foo.bar-2.0.dist-info" / "direct_url.json").write_text('{"url": "https://u:p@h/x", "vcs_info": {}}')
+    found = capsula.collect_packages([str(first), str(tmp_path / "missing"), str(second)])
+    assert found == {
+        "foo-bar": {"name": "Foo_Bar", "version": "1.0"},
+        "old": {"name": "old", "version": "0.9"},
+        "single": {"name": "single", "version": "3"},
+    }
+    from importlib import metadata
+
+    expected: dict[str, str] = {}
+    for dist in metadata.distributions():
+        key = dist.metadata["Name"].lower().replace("_", "-").replace(".", "-")
+        expected.setdefault(key, dist.version)
+    ours = cast("dict[str, dict[str, str]]", capsula.collect_packages())
+    assert {k: v["version"] for k, v in ours.items()} == expected
