@@ -306,6 +306,47 @@ def bench_diff(report: Report, workdir: Path, size_mb: int, runs: int) -> None:
     )
 
 
+GIT_SCRIPT = r"""set -e
+d=$(mktemp -d)
+git status --porcelain=v2 --branch -z --untracked-files=all > "$d/status" &
+git rev-parse --show-toplevel --git-path index > /dev/null &
+git config -z --get-regexp '^remote\..*\.url$' > /dev/null || true
+wait
+cp .git/index "$d/index"
+tr '\0' '\n' < "$d/status" | sed -n 's/^? //p' | tr '\n' '\0' |
+    GIT_INDEX_FILE="$d/index" git add --intent-to-add --pathspec-from-file=- --pathspec-file-nul
+GIT_INDEX_FILE="$d/index" git diff --binary --no-color --no-ext-diff --no-textconv --ignore-submodules=all \
+    --src-prefix=a/ --dst-prefix=b/ --output="$d/diff" HEAD
+rm -r "$d"
+"""
+
+
+def bench_untracked(report: Report, workdir: Path, files: int, runs: int) -> None:
+    """`capsula capture` in a repository with ``files`` small untracked files, against a shell
+    script that makes the same git calls (status, top level, remotes, then the diff of
+    everything through a copy of the index)."""
+    project = make_project(workdir / "untracked")
+    (project / "capsula.toml").write_text("[capture]\ninclude-cpu = false\n")
+    subprocess.run(["git", "commit", "-qam", "plain config"], cwd=project, env=env(), check=True)
+    for i in range(files):
+        (project / "data" / f"{i // 100}").mkdir(parents=True, exist_ok=True)
+        (project / "data" / f"{i // 100}" / f"f{i}.txt").write_text(f"row {i}\n" * 20)
+    times: dict[str, list[float]] = {"script": [], "capsula": []}
+    for _ in range(runs):  # interleaved, so that a slow spell of the machine hits both
+        times["script"].append(wall(["sh", "-c", GIT_SCRIPT], cwd=project, runs=1))
+        times["capsula"].append(wall([*CAPSULA, "capture"], cwd=project, runs=1))
+    script, ours = (statistics.median(times[k]) for k in ("script", "capsula"))
+    diffs = [len(p.read_bytes()) for p in (project / "vault").glob("*/*.diff")]
+    assert diffs and min(diffs) > files * 100, "every untracked file is in each capsule's diff"
+    report.add(
+        f"capture with {files} untracked files",
+        f"{ours:.3f} s = {ours / script:.2f}x",
+        f"the same git calls from sh {script:.3f} s",
+        "<= 1.5x",
+        ours <= 1.5 * script,
+    )
+
+
 def bench_packages(report: Report, project: Path, runs: int) -> None:
     ours = wall([PY, "-c", "import capsula; capsula.collect_packages()"], cwd=project, runs=runs)
     pip = wall([PY, "-m", "pip", "freeze"], cwd=project, runs=max(3, runs // 3))
@@ -338,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_hash(report, work, 128 if args.quick else 1024, 1 if args.quick else 3)
         bench_decorator(report, project, 20 if args.quick else 100)
         bench_diff(report, work, 10 if args.quick else 100, 3 if args.quick else 5)
+        bench_untracked(report, work, 1000, 3 if args.quick else 11)
         bench_vault(report, work, 1000 if args.quick else 100_000, 3 if args.quick else 5)
         bench_packages(report, project, runs)
     if args.markdown:
