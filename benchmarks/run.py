@@ -32,17 +32,24 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAM
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, **GIT_ENV, "PYTHONPATH": str(REPO)}
+    # VIRTUAL_ENV: the examples' config records it, and capsula 0.0.19 crashes where it is unset.
+    return {"VIRTUAL_ENV": sys.prefix, **os.environ, **GIT_ENV, "PYTHONPATH": str(REPO)}
 
 
 def wall(
-    cmd: Sequence[str], *, cwd: Path, runs: int, stdout: int | None = subprocess.DEVNULL, check: bool = True
+    cmd: Sequence[str],
+    *,
+    cwd: Path,
+    runs: int,
+    stdout: int | None = subprocess.DEVNULL,
+    check: bool = True,
+    environ: dict[str, str] | None = None,
 ) -> float:
     """Median wall time of a whole process, in seconds."""
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        subprocess.run(cmd, cwd=cwd, env=env(), stdout=stdout, stderr=subprocess.DEVNULL, check=check)
+        subprocess.run(cmd, cwd=cwd, env=environ or env(), stdout=stdout, stderr=subprocess.DEVNULL, check=check)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -360,10 +367,65 @@ def bench_packages(report: Report, project: Path, runs: int) -> None:
     )
 
 
+SACRED_EXPERIMENT = """import subprocess
+from sacred import Experiment
+from sacred.observers import FileStorageObserver
+ex = Experiment("bench")
+ex.observers.append(FileStorageObserver("runs"))
+@ex.main
+def main():
+    subprocess.run(["true"], check=True)
+if __name__ == "__main__":
+    ex.run_commandline()
+"""
+
+
+def bench_peers(report: Report, workdir: Path, runs: int) -> None:
+    """Each peer, installed from the package index into a virtual environment of its own,
+    running `true` and recording it in the same clean project, against `python -c pass`."""
+    peers = {"capsula 0.0.19": "capsula==0.0.19", "capsula 0.8.0 (PyPI's latest)": "capsula==0.8.0", "Sacred": "sacred"}
+    project = make_project(workdir / "peers")
+    (project / "exp.py").write_text(SACRED_EXPERIMENT)
+    (project / ".gitignore").write_text("vault/\nruns/\n")
+    # Microseconds in the name: 0.0.19 crashes on a second capsule within one second.
+    config = (project / "capsula.toml").read_text().replace("%Y%m%d_%H%M%S", "%Y%m%d_%H%M%S_%f")
+    (project / "capsula.toml").write_text(config)
+    subprocess.run(["git", "commit", "-qam", "peers"], cwd=project, env=env(), check=True)
+    subprocess.run(["git", "add", "exp.py"], cwd=project, env=env(), check=True)
+    subprocess.run(["git", "commit", "-qm", "sacred"], cwd=project, env=env(), check=True)
+    bare = wall([PY, "-c", "pass"], cwd=project, runs=runs)
+    ours = wall([*CAPSULA, "monitor", "-q", "--", "true"], cwd=project, runs=runs)
+    report.add(
+        "this capsula: monitor -- true", f"{ours * 1e3:.1f} ms = {ours / bare:.2f}x", f"{bare * 1e3:.1f} ms", "-", None
+    )
+    for label, requirement in peers.items():
+        venv = workdir / f"peer-{requirement}"
+        subprocess.run([PY, "-m", "venv", str(venv)], check=True)
+        installed = subprocess.run([venv / "bin" / "pip", "install", "-q", requirement], capture_output=True)
+        if installed.returncode != 0:
+            report.add(label, "could not be installed", "-", "-", None)
+            continue
+        command = {
+            "capsula==0.0.19": [venv / "bin" / "capsula", "monitor", "--", "true"],  # needs VIRTUAL_ENV, set below
+            "capsula==0.8.0": [venv / "bin" / "capsula", "run", "--ignore-config", "true"],
+            "sacred": [venv / "bin" / "python", "exp.py", "-l", "WARNING"],
+        }[requirement]
+        try:
+            alone = {k: v for k, v in env().items() if k != "PYTHONPATH"}  # its own capsula, not ours
+            elapsed = wall([str(c) for c in command], cwd=project, runs=runs, environ=alone)
+        except subprocess.CalledProcessError:
+            report.add(label, "does not run here", "-", "-", None)
+            continue
+        report.add(
+            label, f"{elapsed * 1e3:.1f} ms = {elapsed / bare:.2f}x", f"this capsula {ours / bare:.2f}x", "-", None
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller files")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
+    parser.add_argument("--peers", action="store_true", help="also install and time capsula 0.0.19, 0.8.0 and Sacred")
     args = parser.parse_args(argv)
     runs = 5 if args.quick else 21
     import py_compile
@@ -382,6 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_untracked(report, work, 1000, 3 if args.quick else 11)
         bench_vault(report, work, 1000 if args.quick else 100_000, 3 if args.quick else 5)
         bench_packages(report, project, runs)
+        if args.peers:
+            bench_peers(report, work, runs)
     if args.markdown:
         Path(args.markdown).write_text(report.markdown() + "\n")
     print()
