@@ -39,6 +39,7 @@ import contextvars
 import errno
 import functools
 import json
+import math
 import os
 import re
 import signal
@@ -1946,11 +1947,26 @@ def file_errors(files: Mapping[str, FileRecord | None]) -> str | None:
 
 
 def list_capsule_names(vault: Path) -> list[str]:
+    """The vault's capsules: its directories (not links to one) but hidden ones."""
     try:
         with os.scandir(vault) as it:
             return [e.name for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
     except OSError as exc:
         raise VaultError(f"cannot read the vault {vault}: {user_error_text(exc)}; pass --vault or -C") from exc
+
+
+def vault_entries(vault: Path) -> list[str]:
+    """The names in the vault that may be capsules, unchecked (see _is_capsule). Speed: a
+    listing without a DirEntry per name, for the index, which checks each name anyway."""
+    try:
+        return [name for name in os.listdir(vault) if not name.startswith(".")]
+    except OSError:
+        return list_capsule_names(vault)  # which says what is wrong
+
+
+def _is_capsule(path: Path) -> bool:
+    """Whether a vault entry is a capsule, as list_capsule_names takes it."""
+    return os.path.isdir(path) and not os.path.islink(path)
 
 
 # === Capture ==================================================================
@@ -3071,7 +3087,10 @@ def _row(name: str, manifest: Manifest, *, host: str, boot_id: str | None) -> di
 def printable(text: str) -> str:
     """Text from a capsule, safe to print on a terminal: control characters (an escape
     sequence in a hand-made capsule's command) are shown as '?'."""
-    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", "?", text)
+    return text if text.isprintable() else _UNPRINTABLE.sub("?", text)
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def table_cells(r: Mapping[str, JSON]) -> tuple[str, ...]:
@@ -3085,60 +3104,121 @@ def table_cells(r: Mapping[str, JSON]) -> tuple[str, ...]:
     return tuple(printable(str(c)) for c in row)
 
 
-def print_table(rows: Sequence[Sequence[str]]) -> None:
-    """Print rows of cells as `capsula list` does: aligned columns, the command last. Speed:
-    the widths come from whole columns, and one format string lays out every line."""
+def print_table(columns: Sequence[Sequence[str]]) -> None:
+    """Print the 8 columns of `capsula list` as aligned lines, the command last. Speed: the
+    widths come from whole columns, and one format string lays out every line."""
     head = ("NAME", "STARTED", "KIND", "STATUS", "EXIT", "TIME", "GIT", "COMMAND")
-    columns = list(zip(*rows, strict=False)) or [()] * 8
-    widths = [max(len(head[i]), *map(len, column)) for i, column in enumerate(columns[:7])]
+    widths = [max(len(head[i]), max(map(len, column), default=0)) for i, column in enumerate(columns[:7])]
     line = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}\n"
     sys.stdout.write(line.format(*head))
-    sys.stdout.writelines(line.format(*row) for row in rows)
+    sys.stdout.writelines(map(line.format, *columns))
 
 
-class Listed(NamedTuple):
-    """A capsule as `list`, `latest` and `find` see it: its name, when it started, and, tab
-    between them, its 8 table cells, its row as JSON text, and the hashes of the files it
-    recorded as JSON text ([role, path, algorithm, hash, written by this run], ...)."""
-
-    instant: float  # first, so that rows sort by (instant, name) as plain tuples
-    name: str
-    text: str
-
-    def parts(self) -> list[str]:
-        return self.text.split("\t")
+# The fields `list`, `latest` and `find` keep of each capsule, by the part of the index that
+# holds them: a command reads only the parts it prints.
+INDEX_PARTS = {
+    "keys": ("name", "instant"),
+    "signatures": ("signature",),  # capsule.json's inode.size.mtime_ns when the row was made
+    "cells": tuple(f"cell{i}" for i in range(1, 8)),  # the columns of `capsula list`'s table after the name
+    "rows": ("row",),  # the row of `capsula list --json`, as JSON text
+    "files": ("algorithms", "files"),  # the hash algorithms used, and [[role, path, algorithm, hash, written], ...]
+}
 
 
-def _signature(vault: str, name: str) -> str | None:
-    """What tells that a capsule changed: capsule.json's inode, size and mtime (Capsula
-    rewrites it, whole, whenever the run's state changes)."""
+class Listing:
+    """Capsules as `list`, `latest` and `find` see them, column by column: for each field
+    read, a list with an item per capsule. Speed: 100,000 rows are matched, ordered and
+    printed by loops that run in C (map, zip, join, slices), not by Python steps per cell."""
+
+    def __init__(self, parts: Iterable[str]) -> None:
+        self.parts = ("keys", *(p for p in parts if p != "keys"))
+        self.columns: dict[str, list[Any]] = {c: [] for p in self.parts for c in INDEX_PARTS[p]}
+
+    def __len__(self) -> int:
+        return len(self.columns["name"])
+
+    def __getitem__(self, column: str) -> list[Any]:
+        return self.columns[column]
+
+    def append(self, fields: Mapping[str, object]) -> None:
+        for column, values in self.columns.items():
+            values.append(fields[column])
+
+    def extend(self, other: Listing) -> None:
+        for column, values in self.columns.items():
+            values.extend(other.columns[column])
+
+    def positions(self) -> dict[str, int]:
+        """Each name's row; the last, for a name read twice (the later segment's)."""
+        return dict(zip(self["name"], range(len(self)), strict=True))
+
+    def take(self, order: Sequence[int]) -> Listing:
+        """These rows, in this order."""
+        taken = Listing(self.parts)
+        taken.columns = {c: list(map(values.__getitem__, order)) for c, values in self.columns.items()}
+        return taken
+
+    def newest_first(self) -> Listing:
+        """Ordered by start, then name, newest first."""
+        keys = list(zip(self["instant"], self["name"], strict=True))
+        return self.take(sorted(range(len(keys)), key=keys.__getitem__, reverse=True))
+
+    def cells(self) -> list[list[str]]:
+        """The 8 columns of `capsula list`'s table."""
+        names = self["name"]  # only a name read afresh can need printable(), so it is rarely called
+        names = names if all(map(str.isprintable, names)) else list(map(printable, names))
+        return [names, *(self.columns[c] for c in INDEX_PARTS["cells"])]
+
+
+def _signatures(vault: Path, names: Sequence[str]) -> list[str]:
+    """For each capsule, what tells that it changed: capsule.json's inode, size and mtime
+    (Capsula rewrites it whole, by rename, whenever the run's state changes); "" without
+    one. Speed: each stat is relative to the open vault."""
     try:
-        st = os.lstat(f"{vault}/{name}/{MANIFEST}")
+        fd = os.open(vault, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        return None
-    return f"{st.st_ino}.{st.st_size}.{st.st_mtime_ns}"
+        return [""] * len(names)
+    signatures: list[str] = []
+    try:
+        for name in names:
+            try:
+                st = os.lstat(f"{name}/{MANIFEST}", dir_fd=fd)
+            except OSError:
+                signatures.append("")
+                continue
+            signatures.append(f"{st.st_ino}.{st.st_size}.{st.st_mtime_ns}")
+    finally:
+        os.close(fd)
+    return signatures
 
 
-def _listed(path: Path, *, host: str, boot_id: str | None) -> Listed:
-    """Read one capsule for `list` and `find`."""
+def _listed(path: Path, signature: str, *, host: str, boot_id: str | None) -> dict[str, object]:
+    """Read one capsule for `list`, `latest` and `find`: every field of INDEX_PARTS."""
     files: list[JSON] = []
     try:
         record = read_capsule(path)
         manifest = manifest_of(record)
         for role, recorded in (("input", record.context.get("files", {})), ("output", record.post.get("files", {}))):
             for name, e in recorded.items():
-                if e and e.get("file_hash") and e.get("hash_algorithm"):
-                    files.append(
-                        [role, name, e.get("hash_algorithm"), e.get("file_hash"), e.get("written_by_this_run")]
-                    )
+                algorithm, file_hash = (e.get("hash_algorithm"), e.get("file_hash")) if e else (None, None)
+                if (
+                    e
+                    and isinstance(algorithm, str)
+                    and re.fullmatch(r"[\w-]+", algorithm)
+                    and isinstance(file_hash, str)
+                ):
+                    files.append([role, name, algorithm, file_hash, e.get("written_by_this_run")])
     except VaultError:
         manifest = {"status": "unreadable"}
     row = _row(path.name, manifest, host=host, boot_id=boot_id)
-    parts = [*table_cells(row), json.dumps(row, ensure_ascii=False), json.dumps(files, ensure_ascii=False)]
-    return Listed(instant(row["started"]), path.name, "\t".join(part.replace("\t", " ") for part in parts))
+    fields: dict[str, object] = {"name": path.name, "instant": instant(row["started"]), "signature": signature}
+    fields |= zip(INDEX_PARTS["cells"], table_cells(row)[1:], strict=True)
+    fields |= {"row": json.dumps(row, ensure_ascii=False), "files": json.dumps(files, ensure_ascii=False)}
+    return fields | {"algorithms": " ".join(sorted({str(f[2]) for f in files}))}  # type: ignore[index]
 
 
 INDEX_SEGMENTS_MAX = 16  # more segments than this are merged into one
+INDEX_MAGIC = b"capsula-index 2"
 
 
 class VaultIndex:
@@ -3146,123 +3226,190 @@ class VaultIndex:
     that a vault of 100,000 capsules is not read whole every time. It lives in the cache
     directory, never in the vault, and deleting it loses nothing. Processes on any number
     of hosts may share it on a network filesystem without locks: it is a set of immutable
-    segments (rows in a .tsv file, then their names, start instants and signatures in a
-    .keys file), each file written whole and renamed into place, and a row is used only
-    while the capsule's capsule.json has the inode, size and mtime it had when the row was
-    made; a capsule made or changed since is read afresh. Speed: `latest` reads only the
-    keys, and a row is split only to be printed."""
+    segment files, each written whole and renamed into place, and a row is used only while
+    the capsule's capsule.json has the inode, size and mtime it had when the row was made;
+    a capsule made or changed since is read afresh.
 
-    def __init__(self, vault: Path, cache: Path | None, *, rows: bool = True) -> None:
+    A segment is a header line (the magic, the row count, and the byte size of each part
+    of INDEX_PARTS), then each part: its columns one after the other, a line per row, newest
+    row first. Speed: a command seeks to the parts it needs and splits each with one call."""
+
+    def __init__(self, vault: Path, cache: Path | None) -> None:
         import zlib
 
         key = zlib.crc32(os.fsencode(os.path.realpath(vault)))
-        self.vault, self.dir = str(vault), cache / f"index-{key:08x}" if cache else None
-        self.keys: dict[str, tuple[float, str]] = {}  # name -> (instant, signature)
-        self.texts: dict[str, str] = {}  # name -> text, when rows are read
+        self.dir = cache / f"index-{key:08x}" if cache else None
         self.segments: list[str] = []
-        with contextlib.suppress(OSError):  # a segment is whole once its .keys file is there
-            self.segments = sorted(n[:-5] for n in os.listdir(self.dir or "") if n.endswith(".keys"))
+        self.outdated: list[str] = []  # an earlier version's files, deleted by the next merge
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.dir or ""):
+                if name.endswith((".seg", ".keys", ".tsv")):
+                    (self.segments if name.endswith(".seg") else self.outdated).append(name)
+        self.segments.sort()
+        self.merge_due = len(self.segments) >= INDEX_SEGMENTS_MAX
+
+    def read(self, parts: Iterable[str]) -> Listing:
+        """Every segment's rows (a capsule indexed twice appears twice, the later last)."""
+        listing = Listing(parts)
         for segment in self.segments:
-            self._read(segment, rows=rows)
+            columns = self._read(segment, listing.parts)
+            if columns is not None:
+                for column, values in listing.columns.items():
+                    values.extend(columns[column])
+        return listing
 
-    def _read(self, segment: str, *, rows: bool) -> None:
+    def _read(self, segment: str, parts: Sequence[str]) -> dict[str, list[Any]] | None:
+        """One segment's columns; None when it was merged away meanwhile (its capsules are
+        then read afresh) or is not one this version wrote whole."""
         assert self.dir is not None
-        with contextlib.suppress(OSError, UnicodeDecodeError):  # merged away meanwhile: read afresh
-            with open(self.dir / f"{segment}.keys", encoding="utf-8", errors="surrogateescape") as f:
-                keys = [line.split("\t") for line in f.read().split("\n") if line]
-            texts = None
-            if rows:
-                with open(self.dir / f"{segment}.tsv", encoding="utf-8", errors="surrogateescape") as f:
-                    texts = f.read().split("\n")
-            for i, fields in enumerate(keys):
-                if len(fields) == 3 and (texts is None or (i < len(texts) and texts[i].count("\t") == 9)):
-                    with contextlib.suppress(ValueError):  # a line made by hand is not used
-                        if (when := float(fields[1])) != when:
-                            continue  # NaN: it would not sort
-                        self.keys[fields[0]] = (when, fields[2])
-                        if texts is not None:
-                            self.texts[fields[0]] = texts[i]
-
-    def get(self, name: str, *, signature: str | None) -> Listed | None:
-        """The indexed capsule ``name``, if its capsule.json has not changed since."""
-        key = self.keys.get(name)
-        if key is None or signature is None or signature != key[1] or name not in self.texts:
+        columns: dict[str, list[Any]] = {}
+        try:
+            with open(self.dir / segment, "rb") as f:
+                head = f.readline()
+                magic, _, numbers = head.rstrip(b"\n").rpartition(b" ")
+                count, *sizes = (int(n) for n in numbers.split(b","))
+                if magic != INDEX_MAGIC or len(sizes) != len(INDEX_PARTS):
+                    return None
+                offset = len(head)
+                for (part, names), size in zip(INDEX_PARTS.items(), sizes, strict=True):
+                    if part in parts:
+                        f.seek(offset)
+                        data = f.read(size)
+                        lines = data.decode("utf-8", "surrogateescape").split("\n")
+                        if len(data) != size or len(lines) != count * len(names) + 1 or lines[-1]:
+                            return None
+                        for i, name in enumerate(names):
+                            columns[name] = lines[i * count : (i + 1) * count]
+                    offset += size
+            columns["instant"] = list(map(float, columns["instant"]))
+        except (OSError, ValueError):
             return None
-        return Listed(key[0], name, self.texts[name])
+        return None if any(map(math.isnan, columns["instant"])) else columns  # NaN would not sort
 
-    def add(self, fresh: Sequence[tuple[Listed, str | None]], *, present: Iterable[str]) -> None:
+    def add(self, fresh: Listing, *, merge_with: Listing | None = None) -> None:
         """Keep the rows of capsules read afresh whose run has ended, in a new segment, or,
-        with too many segments, in one segment that replaces them all."""
+        when a merge is due, in one segment with ``merge_with`` that replaces them all."""
         if self.dir is None:
             return
-        ended = [(listed, sig) for listed, sig in fresh if sig and listed.parts()[3] in FINAL_STATUSES]
-        rows = [(r.name, repr(r.instant), sig, r.text) for r, sig in ended if self.holds(r.name, r.text)]
-        merge = len(self.segments) >= INDEX_SEGMENTS_MAX
-        if merge:
-            rows += [(n, repr(self.keys[n][0]), self.keys[n][1], self.texts[n]) for n in present if n in self.texts]
-        if not rows:
+        keep = [i for i in range(len(fresh)) if fresh["cell3"][i] in FINAL_STATUSES and self.holds(fresh, i)]
+        rows = fresh.take(keep)
+        if merge_with is not None:
+            rows.extend(merge_with)
+        if not len(rows):
             return
         import uuid
 
-        segment = self.dir / f"{time.time_ns():020d}-{uuid.uuid4().hex}"
-        with contextlib.suppress(OSError, ValueError, CapsulaError):  # ValueError: text no file can hold
+        rows = rows.newest_first()
+        rows.columns["instant"] = list(map(repr, rows["instant"]))
+        blocks = [
+            "".join(f"{value}\n" for column in names for value in rows[column]).encode("utf-8", "surrogateescape")
+            for names in INDEX_PARTS.values()
+        ]
+        head = INDEX_MAGIC + b" " + ",".join(map(str, [len(rows), *map(len, blocks)])).encode() + b"\n"
+        with contextlib.suppress(OSError, CapsulaError):
             self.dir.mkdir(exist_ok=True)
-            texts = "".join(f"{text}\n" for *_, text in rows).encode("utf-8", "surrogateescape")
-            write_bytes_atomic(segment.with_suffix(".tsv"), texts)
-            keys = "".join(f"{name}\t{when}\t{sig}\n" for name, when, sig, _ in rows)
-            write_bytes_atomic(segment.with_suffix(".keys"), keys.encode("utf-8", "surrogateescape"))
-            for old in self.segments if merge else ():
-                for suffix in (".keys", ".tsv"):
-                    with contextlib.suppress(OSError):
-                        os.unlink(self.dir / f"{old}{suffix}")
+            write_bytes_atomic(self.dir / f"{time.time_ns():020d}-{uuid.uuid4().hex}.seg", b"".join([head, *blocks]))
+            for old in self.segments + self.outdated if merge_with is not None else ():
+                with contextlib.suppress(OSError):
+                    os.unlink(self.dir / old)
 
     @staticmethod
-    def holds(name: str, text: str) -> bool:
-        """Whether a line can hold this capsule (else it is read afresh each time)."""
-        return name.isprintable() and "\t" not in name and "\n" not in text
+    def holds(fresh: Listing, i: int) -> bool:
+        """Whether a line can hold each of this capsule's fields (else it is read afresh each time)."""
+        name = fresh["name"][i]
+        return (
+            bool(fresh["signature"][i])
+            and name.isprintable()
+            and not any("\n" in values[i] for column, values in fresh.columns.items() if column != "instant")
+        )
 
 
 # A run with one of these has ended: its row no longer changes ("running" depends on who looks, and when).
 FINAL_STATUSES = (COMPLETED, FAILED, INCOMPLETE, INTERRUPTED)
 
 
-def list_capsules(vault: Path, cache: Path | None = None) -> list[Listed]:
-    """Every capsule in the vault, newest first: from the index where it holds the capsule
-    as it is, read afresh (and then indexed) where not."""
+def _without_gc(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` with the cycle collector paused. Speed: a vault-wide command makes a few
+    hundred thousand tuples and lists, none in a cycle, and the collector would scan them
+    again and again for nothing (a tenth of `capsula list` over 100,000 capsules)."""
+
+    @functools.wraps(fn)
+    def paused(*args: P.args, **kwargs: P.kwargs) -> R:
+        import gc
+
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return paused
+
+
+@_without_gc
+def list_capsules(
+    vault: Path, cache: Path | None = None, parts: Iterable[str] = ("cells",), *, ordered: bool = True
+) -> Listing:
+    """Every capsule in the vault (newest first when ``ordered``), with the parts of
+    INDEX_PARTS asked for: from the index where it holds the capsule as it is, read afresh
+    (and then indexed) where not."""
     host, boot = hostname(), read_boot_id()
-    index, names, where = VaultIndex(vault, cache), list_capsule_names(vault), str(vault)
-    rows, fresh = [], []
-    for name in names:
-        signature = _signature(where, name)
-        listed = index.get(name, signature=signature)
-        if listed is None:
-            listed = _listed(vault / name, host=host, boot_id=boot)
-            fresh.append((listed, signature))
-        rows.append(listed)
-    index.add(fresh, present=names)
-    return sorted(rows, reverse=True)  # newest first: by instant, then name
+    index = VaultIndex(vault, cache)
+    stored = index.read(INDEX_PARTS if index.merge_due else ("signatures", *parts))
+    names = vault_entries(vault)
+    signatures = _signatures(vault, names)
+    # A row is used only while capsule.json is as it was when the row was made. Speed: the
+    # rows are matched by loops that run in C; a name's last row is its newest.
+    import itertools
+
+    position = stored.positions()
+    rows = list(map(position.get, names, itertools.repeat(len(stored))))  # len(stored): no row
+    same = list(map(str.__eq__, map([*stored["signature"], "\n"].__getitem__, rows), signatures))
+    kept = sorted(itertools.compress(rows, same))  # segment by segment, each newest first:
+    fresh = Listing(INDEX_PARTS)  # the sort below meets long ordered runs
+    for name, signature, unchanged in zip(names, signatures, same, strict=True):
+        if not unchanged and _is_capsule(vault / name):
+            fresh.append(_listed(vault / name, signature, host=host, boot_id=boot))
+    listing = stored.take(kept)
+    index.add(fresh, merge_with=listing if index.merge_due else None)
+    listing.extend(fresh)
+    return listing.newest_first() if ordered else listing
 
 
+@_without_gc
 def latest_capsules(vault: Path, cache: Path | None, count: int) -> list[str]:
-    """The names of the ``count`` newest capsules, newest first. Speed: only the capsules
-    the index lacks are read, and only the newest indexed ones are checked."""
+    """The names of the ``count`` newest capsules, newest first. Speed: only the names and
+    start instants of the index are read; the capsules it lacks are read whole, and so are
+    the newest indexed ones, until the rest are older (so a capsule whose start was
+    changed by hand since it was indexed is placed by the start it had then)."""
     import heapq
 
     host, boot = hostname(), read_boot_id()
-    index, names, where = VaultIndex(vault, cache, rows=False), list_capsule_names(vault), str(vault)
-    known = [(index.keys[n][0], n) for n in names if n in index.keys]
-    best = [(_listed(vault / n, host=host, boot_id=boot).instant, n) for n in names if n not in index.keys]
+    index = VaultIndex(vault, cache)
+    stored = index.read(INDEX_PARTS if index.merge_due else ())
+    present = set(vault_entries(vault))
+    unindexed = [n for n in present.difference(stored["name"]) if _is_capsule(vault / n)]
+    fresh = Listing(INDEX_PARTS)
+    for name, signature in zip(unindexed, _signatures(vault, unindexed), strict=True):
+        fresh.append(_listed(vault / name, signature, host=host, boot_id=boot))
+    if index.merge_due:  # the rows of present capsules, each name's last (rows changed since stay
+        position = stored.positions()  # as they were: list reads them anew)
+        index.add(fresh, merge_with=stored.take(sorted(position[n] for n in present if n in position)))
+    else:
+        index.add(fresh)
+    best = list(zip(fresh["instant"], fresh["name"], strict=True))
     checked: set[str] = set()
-    for limit in (count + 16, len(known)):  # the newest few; all, only if many of those changed
-        for when, name in heapq.nlargest(limit, known):  # newest first, until the rest are older
+    for limit in (count + 16, len(stored)):  # the newest few; all, only if many of those changed
+        for when, name in heapq.nlargest(limit, zip(stored["instant"], stored["name"], strict=True)):
             top = heapq.nlargest(count, best)
             if len(top) >= count and (when, name) < top[-1]:
-                return [name for _, name in sorted(best, reverse=True)[:count]]
-            if name not in checked:
+                return [name for _, name in top]
+            if name in present and name not in checked and _is_capsule(vault / name):
                 checked.add(name)
-                unchanged = _signature(where, name) == index.keys[name][1]
-                best.append((when if unchanged else _listed(vault / name, host=host, boot_id=boot).instant, name))
-    return [name for _, name in sorted(best, reverse=True)[:count]]
+                best.append((cast("float", _listed(vault / name, "", host=host, boot_id=boot)["instant"]), name))
+    return [name for _, name in heapq.nlargest(count, best)]
 
 
 def resolve_capsule(spec: str, vault: Path, cache: Path | None = None) -> Path:
@@ -3720,6 +3867,7 @@ def rerun_capsule(record: Record, *, project: Config, here: bool = False) -> tup
     return code, new, compare_runs(record, new)
 
 
+@_without_gc
 def find_file(path: Path, vault: Path, cache: Path | None = None) -> list[tuple[str, str, str]]:
     """(capsule, "input" or "output", recorded path) for every capsule that recorded a file
     with this content."""
@@ -3731,15 +3879,20 @@ def find_file(path: Path, vault: Path, cache: Path | None = None) -> list[tuple[
         except (OSError, ValueError):
             return None
 
-    found = []
-    for listed in list_capsules(vault, cache):
-        if listed.text.endswith("\t[]"):
-            continue
-        for role, recorded, algorithm, file_hash, written in json.loads(listed.parts()[9]):
-            if file_hash == digest(str(algorithm)):
-                kept = written is False
-                found.append((listed.name, "output (not written by it)" if kept else role, recorded))
-    return sorted(found, key=lambda hit: hit[1] == "output (not written by it)")  # the run that wrote it first
+    listing = list_capsules(vault, cache, parts=("files",), ordered=False)
+    digests = {a: d for text in set(listing["algorithms"]) for a in text.split() if (d := digest(a))}
+    if not digests:
+        return []
+    anywhere = re.compile("|".join(map(re.escape, set(digests.values()))))
+    found, parse = [], json.JSONDecoder().raw_decode
+    for name, when, text in zip(listing["name"], listing["instant"], listing["files"], strict=True):
+        if anywhere.search(text):  # Speed: only a row that holds one of the hashes is parsed
+            for role, recorded, algorithm, file_hash, written in parse(text)[0]:
+                if file_hash == digests.get(algorithm):
+                    kept = written is False
+                    found.append((kept, -when, name, "output (not written by it)" if kept else role, recorded))
+    found.sort()  # the runs that wrote it first, each group newest first
+    return [hit[2:] for hit in found]
 
 
 # === CLI ======================================================================
@@ -3804,11 +3957,11 @@ def _record(args: argparse.Namespace, spec: str) -> Record:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    rows = list_capsules(*_vault_and_cache(args))
+    listing = list_capsules(*_vault_and_cache(args), parts=("rows",) if args.json else ("cells",))
     if args.json:
-        print("[\n" + ",\n".join(r.parts()[8] for r in rows) + "\n]")
+        print("[\n" + ",\n".join(listing["row"]) + "\n]")
     else:
-        print_table([r.text.split("\t", 8)[:8] for r in rows])
+        print_table(listing.cells())
     return 0
 
 
@@ -3894,8 +4047,7 @@ def _cmd_find(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise ConfigError(f"no such file: {path}; give the file whose origin you look for")
     hits = find_file(path, *_vault_and_cache(args))
-    for name, role, recorded in hits:
-        print(f"{name}  {role}  {recorded}")
+    sys.stdout.writelines(printable(f"{name}  {role}  {recorded}") + "\n" for name, role, recorded in hits)
     if not hits:
         print(f"no capsule recorded a file with the content of {path}", file=sys.stderr)
     return 0 if hits else 1

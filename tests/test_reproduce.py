@@ -450,7 +450,74 @@ def test_many_lists_between_many_runs_stay_right_and_keep_little(tmp_path: Path)
         _hand_made(vault, f"r{i:02d}", f"2026-01-01T00:{i:02d}:00+00:00")
         rows, _ = _listing(vault, tmp_path, cache)
         assert [r["name"] for r in rows] == [f"r{j:02d}" for j in reversed(range(i + 1))]
-    assert sum(1 for _ in cache.rglob("*.tsv")) <= 17  # merged as they pile up
+    assert 1 <= sum(1 for _ in cache.rglob("*.seg")) <= 17  # merged as they pile up
+
+
+def test_a_damaged_or_outdated_index_is_never_believed(tmp_path: Path) -> None:
+    """Whatever the index's files hold (cut short, edited, another version's), list shows
+    each capsule as it is, and the next merge removes another version's files."""
+    vault, cache = tmp_path / "vault", tmp_path / "cache"
+    for i in range(5):
+        _hand_made(vault, f"r{i}", f"2026-01-01T00:00:0{i}+00:00", command=f"step {i}")
+    right = _listing(vault, tmp_path, cache)
+    (segment,) = cache.rglob("*.seg")
+    data = segment.read_bytes()
+    lines = data.split(b"\n")
+    first_instant = lines[1 + 5]  # after the header and the 5 names
+    for damaged in (
+        data[: len(data) // 2],  # cut short
+        data.replace(first_instant, b"nan".ljust(len(first_instant)), 1),  # every size as it was
+        b"capsula-index 1 5,1,1,1,1,1\n" + data.split(b"\n", 1)[1],  # another version's
+        b"\xff\xfe garbage\n",
+    ):
+        segment.write_bytes(damaged)
+        assert _listing(vault, tmp_path, cache) == right, damaged[:60]
+    for leftover in ("0-old.keys", "0-old.tsv"):
+        (segment.parent / leftover).write_text("r1\t0\t1.2.3\n")
+    for i in range(20):  # enough new segments for a merge
+        _hand_made(vault, f"s{i:02d}", f"2026-01-02T00:00:{i:02d}+00:00")
+        _listing(vault, tmp_path, cache)
+    assert not list(cache.rglob("*.keys")) and not list(cache.rglob("*.tsv"))
+    assert len(_listing(vault, tmp_path, cache)[0]) == 25
+
+
+def test_show_latest_keeps_what_it_read_and_sees_new_capsules(tmp_path: Path) -> None:
+    vault, cache = tmp_path / "vault", tmp_path / "cache"
+    env = {**os.environ, "CAPSULA_CACHE_DIR": str(cache)}
+
+    def latest() -> str:
+        return ok(run_capsula("show", "latest", "--vault", str(vault), cwd=tmp_path, env=env)).splitlines()[0]
+
+    for i in range(12):
+        _hand_made(vault, f"r{i:02d}", f"2026-01-01T00:00:{i:02d}+00:00")
+    (vault / "a-file").write_text("not a capsule")
+    (vault / "a-link").symlink_to(vault / "r11")
+    assert latest().endswith("r11") and list(cache.rglob("*.seg"))  # kept, without a list
+    _hand_made(vault, "r12", "2026-01-01T00:01:00+00:00")
+    assert latest().endswith("r12")
+    shutil.rmtree(vault / "r12")
+    shutil.rmtree(vault / "r11")
+    assert latest().endswith("r10")
+    for i in range(20):  # segments pile up, and show latest merges them too
+        _hand_made(vault, f"s{i:02d}", f"2026-01-02T00:00:{i:02d}+00:00")
+        assert latest().endswith(f"s{i:02d}")
+    assert len(list(cache.rglob("*.seg"))) <= 17
+    assert [r["name"] for r in _listing(vault, tmp_path, cache)[0]][:2] == ["s19", "s18"]
+
+
+def test_find_names_every_capsule_that_recorded_the_content(repo: Path) -> None:
+    write_config(repo, '[monitor.item.out.files]\n"out\\u001b[2J.txt" = { hash = "md5" }\n')
+    for text in ("one\n", "two\n", "one\n"):
+        code = f"open('out\x1b[2J.txt', 'w').write({text!r})"
+        ok(run_capsula("monitor", "-q", "-i", "out", sys.executable, "-c", code, cwd=repo))
+        ok(run_capsula("list", cwd=repo))  # the ones before are then read from the index
+    first, _, third = (r["name"] for r in reversed(json.loads(ok(run_capsula("list", "--json", cwd=repo)))))
+    (repo / "query.txt").write_text("one\n")
+    hits = ok(run_capsula("find", "query.txt", cwd=repo)).splitlines()
+    assert hits == [f"{third}  output  out?[2J.txt", f"{first}  output  out?[2J.txt"]  # newest first
+    (repo / "query.txt").write_text("three\n")
+    missing = run_capsula("find", "query.txt", cwd=repo)
+    assert missing.returncode == 1 and b"no capsule recorded" in missing.stderr
 
 
 def test_lists_and_runs_at_once_from_many_processes(project: Path) -> None:
