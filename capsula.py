@@ -499,6 +499,8 @@ def is_inside(path: str | os.PathLike[str], base: str | os.PathLike[str], *, rea
 # === Configuration ============================================================
 
 CONFIG_NAME = "capsula.toml"
+# Contexts recorded without configuration, each turned off by its include-* key set to false.
+ENVIRONMENT_CONTEXTS = ("gpus", "conda", "container", "cluster", "lock_files")
 
 
 class FileSpec(NamedTuple):
@@ -522,6 +524,9 @@ class Config(NamedTuple):
     capsule_template: str = "%Y%m%d_%H%M%S"
     include_cpu: bool = True
     include_packages: bool = False
+    include_environment: tuple[str, ...] = ENVIRONMENT_CONTEXTS  # which of them a capture records
+    keep_commits: bool = False  # refs/capsula/<capsule> keeps each recorded commit
+    git_bundle: bool = False  # a git bundle of each recorded commit goes into the capsule
     pre_capture_commands: tuple[str, ...] = ()
     environment_variables: tuple[str, ...] = ()
     files: tuple[FileSpec, ...] = ()
@@ -554,6 +559,9 @@ class Config(NamedTuple):
             "capsule_template": self.capsule_template,
             "include_cpu": self.include_cpu,
             "include_packages": self.include_packages,
+            **{f"include_{name}": name in self.include_environment for name in ENVIRONMENT_CONTEXTS},
+            "keep_commits": self.keep_commits,
+            "git_bundle": self.git_bundle,
             "pre_capture_commands": list(self.pre_capture_commands),
             "environment_variables": list(self.environment_variables),
             "files": {f.path: f.as_dict() for f in self.files},
@@ -569,8 +577,9 @@ _FILE_OPTIONS = {"hash": str, "copy": bool, "move": bool}
 _CONFIG_SHAPE = {  # in conform()'s grammar; every other key is refused
     "capture": {
         **{"vault-directory": str, "capsule-template": str, "include-cpu": bool, "include-packages": bool},
+        **{f"include-{name.replace('_', '-')}": bool for name in ENVIRONMENT_CONTEXTS},
         **{"pre-capture-commands": [str], "environment-variables": [str], "files": {"*": _FILE_OPTIONS}},
-        "git": {"repositories": {"*": str}},
+        "git": {"repositories": {"*": str}, "keep-commits": bool, "bundle": bool},
     },
     "monitor": {"item": {"*": {"files": {"*": _FILE_OPTIONS}}}, "tty": bool},
     "redact": {"patterns": [str], "allow": [str], "files": [str], "arguments": bool},
@@ -646,8 +655,8 @@ def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> 
     if not vault or "\0" in vault:
         raise ConfigError(f"'capture.vault-directory' in {where} is empty; name a directory, e.g. 'vault'")
     repos = None
-    if "git" in cap:
-        repos = tuple(cap["git"].get("repositories", {}).items())
+    if "repositories" in cap.get("git", {}):
+        repos = tuple(cap["git"]["repositories"].items())
         for name, rel in repos:
             key = f"'capture.git.repositories.{name}' in {where}"
             if not name or name.startswith(".") or "/" in name or os.sep in name or "\0" in name + rel:
@@ -667,6 +676,9 @@ def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> 
         capsule_template=template,
         include_cpu=cap.get("include-cpu", True),
         include_packages=cap.get("include-packages", False),
+        include_environment=tuple(n for n in ENVIRONMENT_CONTEXTS if cap.get(f"include-{n.replace('_', '-')}", True)),
+        keep_commits=cap.get("git", {}).get("keep-commits", False),
+        git_bundle=cap.get("git", {}).get("bundle", False),
         pre_capture_commands=tuple(cap.get("pre-capture-commands", ())),
         environment_variables=tuple(cap.get("environment-variables", ())),
         files=file_specs(cap.get("files", {}), where="capture.files", source=where, root=root),
@@ -824,6 +836,12 @@ if TYPE_CHECKING:
         status: str
         error: str
         warnings: list[str]
+        gpus: dict[str, JSON]
+        conda: dict[str, JSON] | None
+        container: dict[str, JSON] | None
+        cluster: dict[str, JSON]
+        lock_files: dict[str, JSON]
+        notebook: dict[str, JSON] | None
 
     class ExceptionRecord(TypedDict):
         error_type: str
@@ -909,6 +927,8 @@ _SHAPES: dict[str, Any] = {
     },
     CONTEXT: {
         **{"root_directory": str, "cwd": str, "platform": dict, "cpu": (dict, None), "packages": dict},
+        **{"gpus": dict, "conda": (dict, None), "container": (dict, None), "cluster": dict, "notebook": (dict, None)},
+        "lock_files": {"*": (None, _FILE_SHAPE)},
         "environment_variables": {"*": (str, None)},
         "git": {"*": _GIT_SHAPE},
         "files": {"*": (None, _FILE_SHAPE)},
@@ -1821,6 +1841,328 @@ def run_pre_capture_command(
     return {"command": command, "exit_code": code, "stdout": stdout, "stderr": stderr, "duration": round(duration, 6)}
 
 
+# --- Where a run happens: GPUs, conda, containers, clusters, lock files ------------------
+# Each is read without configuration, never fails a capture (what cannot be read is
+# recorded as {"unavailable": why}), and is parsed from a program's output or a file by a
+# pure function, tested on real sample output.
+
+PROBE_SECONDS = 10.0  # the time limit of a program asked for facts (nvidia-smi, rocm-smi, scontrol)
+
+
+def on_path(name: str, environ: Mapping[str, str]) -> str | None:
+    """The program ``name`` as the run's PATH finds it, or None."""
+    for directory in os.get_exec_path(environ):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def run_probe(args: Sequence[str], *, cwd: Path, env: Mapping[str, str]) -> str:
+    """Run a program that reports facts, within PROBE_SECONDS, and return its stdout;
+    OSError says why not (missing, failed, too slow)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            list(args), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, capture_output=True, timeout=PROBE_SECONDS
+        )
+    except subprocess.TimeoutExpired:
+        raise OSError(f"{os.path.basename(args[0])} did not answer within {PROBE_SECONDS:g} s") from None
+    if done.returncode != 0:
+        said = " ".join(done.stderr.decode(errors="replace").split())[:200] or "no message"
+        raise OSError(f"{os.path.basename(args[0])} exited with code {done.returncode}: {said}")
+    return done.stdout.decode(errors="replace")
+
+
+GPU_VISIBILITY = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+
+
+def parse_nvidia_smi(xml: str, compute_caps: str = "") -> dict[str, JSON]:
+    """`nvidia-smi -q -x`: the driver and CUDA versions and, per GPU (in nvidia-smi's index
+    order), what tells it apart; compute_caps: `--query-gpu=uuid,compute_cap --format=csv,noheader`."""
+    from xml.etree import ElementTree  # expat: a DOCTYPE is not fetched, no entity expanded
+
+    root = ElementTree.fromstring(xml)
+    caps = dict(line.split(", ", 1) for line in compute_caps.splitlines() if line.count(", ") == 1)
+
+    def text(element: Any, path: str) -> str | None:
+        value = (element.findtext(path) or "").strip()
+        return None if value in ("", "N/A") else value
+
+    devices: list[JSON] = []
+    for index, gpu in enumerate(root.findall("gpu")):
+        total = (text(gpu, "fb_memory_usage/total") or "").split()
+        uuid = text(gpu, "uuid")
+        devices.append(
+            {
+                "index": index,
+                "name": text(gpu, "product_name"),
+                "uuid": uuid,
+                "memory_total_mib": int(total[0]) if total and total[0].isdigit() else None,
+                "compute_capability": caps.get(uuid or "", "").strip() or None,
+                "pci_bus_id": gpu.get("id") or text(gpu, "pci/pci_bus_id"),
+            }
+        )
+    return {
+        "driver_version": text(root, "driver_version"),
+        "cuda_version": text(root, "cuda_version"),
+        "devices": devices,
+    }
+
+
+def parse_rocm_smi(text: str) -> dict[str, JSON]:
+    """`rocm-smi --showproductname --showuniqueid --showmeminfo vram --showdriverversion --json`."""
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("rocm-smi's JSON is not an object")
+    cards = sorted((int(k[4:]), v) for k, v in data.items() if re.fullmatch(r"card\d+", k) and isinstance(v, dict))
+    system: dict[str, Any] = data["system"] if isinstance(data.get("system"), dict) else {}
+    driver = system.get("Driver version") or next(
+        (c.get("Driver version") for _, c in cards if c.get("Driver version")), None
+    )
+    devices: list[JSON] = []
+    for index, card in cards:
+        total = str(card.get("VRAM Total Memory (B)", ""))
+        devices.append(
+            {
+                "index": index,
+                "name": card.get("Card series") or card.get("Card Series"),
+                "model": card.get("Card model") or card.get("Card Model"),
+                "sku": card.get("Card SKU"),
+                "unique_id": card.get("Unique ID"),
+                "gfx_version": card.get("GFX Version"),
+                "memory_total_bytes": int(total) if total.isdigit() else None,
+            }
+        )
+    return {"driver_version": driver, "devices": devices}
+
+
+def _nvidia_facts(path: str, *, cwd: Path, env: Mapping[str, str]) -> dict[str, JSON]:
+    xml = run_probe([path, "-q", "-x"], cwd=cwd, env=env)
+    try:  # compute_cap: drivers from 510 on; an older one still gives the rest
+        caps = run_probe([path, "--query-gpu=uuid,compute_cap", "--format=csv,noheader"], cwd=cwd, env=env)
+    except OSError:
+        caps = ""
+    return parse_nvidia_smi(xml, caps)
+
+
+def _rocm_facts(path: str, *, cwd: Path, env: Mapping[str, str]) -> dict[str, JSON]:
+    args = [path, "--showproductname", "--showuniqueid", "--showmeminfo", "vram", "--showdriverversion", "--json"]
+    return parse_rocm_smi(run_probe(args, cwd=cwd, env=env))
+
+
+def collect_gpus(cache: HostCache, environ: Mapping[str, str], *, cwd: Path) -> dict[str, JSON]:
+    """NVIDIA and AMD GPUs as their tools report them (cached per boot, as CPU facts are),
+    and which of them this run may use (the visibility variables, never cached)."""
+    gpus: dict[str, JSON] = {"visible_devices": {name: environ.get(name) for name in GPU_VISIBILITY}}
+    for vendor, tool, facts in (("nvidia", "nvidia-smi", _nvidia_facts), ("amd", "rocm-smi", _rocm_facts)):
+        path = on_path(tool, environ)
+        if path is None:
+            gpus[vendor] = {"unavailable": f"{tool} is not on PATH"}
+            continue
+        try:
+            gpus[vendor] = cache.get(f"gpus {path}", functools.partial(facts, path, cwd=cwd, env=environ))
+        except (OSError, ValueError, SyntaxError) as exc:  # SyntaxError: ElementTree's ParseError
+            gpus[vendor] = {"unavailable": f"{tool}: {exc}"}
+    return gpus
+
+
+def parse_conda_meta(records: Iterable[Mapping[str, Any]]) -> dict[str, JSON]:
+    """The packages of a conda environment, by name, from its conda-meta/*.json records:
+    version, build and channel, and what remakes the exact build (its URL and md5)."""
+    packages: dict[str, JSON] = {}
+    for r in records:
+        if isinstance(r.get("name"), str):
+            channel, subdir = str(r.get("channel") or ""), str(r.get("subdir") or "")
+            if subdir and channel.rstrip("/").endswith("/" + subdir):  # older conda: the channel's subdir URL
+                channel = channel.rstrip("/")[: -len(subdir) - 1]
+            facts = {"version": r.get("version"), "build": r.get("build"), "channel": channel or None}
+            packages[r["name"]] = facts | {"url": r.get("url"), "md5": r.get("md5")}
+    return dict(sorted(packages.items()))
+
+
+def explicit_spec(packages: Mapping[str, JSON], platform: str | None) -> list[str]:
+    """The environment as `conda list --explicit --md5` writes it: `conda create --file` remakes it."""
+    lines = [
+        "# This file may be used to create an environment using:",
+        "# $ conda create --name <env> --file <this file>",
+    ]
+    lines += [f"# platform: {platform}"] if platform else []
+    lines.append("@EXPLICIT")
+    for p in cast("Mapping[str, dict[str, JSON]]", packages).values():
+        if p.get("url"):
+            lines.append(f"{p['url']}#{p['md5']}" if p.get("md5") else str(p["url"]))
+    return lines
+
+
+def collect_conda(prefix: str, environ: Mapping[str, str], cache: HostCache) -> dict[str, JSON] | None:
+    """The conda, mamba or pixi environment the interpreter runs in (None outside one),
+    read from its conda-meta directory in-process: no `conda` call, which is slow and may
+    prompt. Cached while conda-meta is unchanged (installing or removing a package changes it)."""
+    meta = Path(prefix) / "conda-meta"
+    try:
+        stamp = meta.stat().st_mtime_ns
+    except OSError:
+        return None
+    base = Path(environ.get("CONDA_PREFIX_1") or environ.get("CONDA_ROOT") or "")
+    name = (
+        environ.get("CONDA_DEFAULT_ENV")
+        if os.path.realpath(environ.get("CONDA_PREFIX", "")) == os.path.realpath(prefix)
+        else None
+    )
+    if not name:
+        name = "base" if (Path(prefix) / "condabin").is_dir() else Path(prefix).name
+
+    def read() -> JSON:
+        records, platform = [], None
+        for entry in sorted(meta.glob("*.json")):
+            with contextlib.suppress(OSError, ValueError):
+                record = json.loads(entry.read_bytes())
+                if isinstance(record, dict):
+                    records.append(record)
+                    if record.get("subdir") not in (None, "noarch"):
+                        platform = platform or str(record["subdir"])
+        version = None
+        with contextlib.suppress(OSError):  # the conda that last changed it, as its history says
+            versions = re.findall(r"^# conda version: (\S+)", (meta / "history").read_text(errors="replace"), re.M)
+            version = versions[-1] if versions else None
+        packages = parse_conda_meta(records)
+        return {
+            "conda_version": version,
+            "platform": platform,
+            "packages": packages,
+            "explicit": cast("JSON", explicit_spec(packages, platform)),
+        }
+
+    facts = cast("dict[str, JSON]", cache.get(f"conda {prefix} {stamp}", read))
+    return {"name": name, "prefix": prefix, "base": str(base) if str(base) not in ("", ".") else None, **facts}
+
+
+def parse_containerenv(text: str) -> dict[str, str]:
+    """Podman's /run/.containerenv: key="value" lines."""
+    return {m[1]: m[2] for m in re.finditer(r'^(\w+)="(.*)"$', text, re.M)}
+
+
+def collect_container(environ: Mapping[str, str], root: Path = Path("/")) -> dict[str, JSON] | None:
+    """Whether the run is inside a container, which kind, and its image and digest where the
+    container shows them; None outside one. root: the file system to look at (tests)."""
+
+    def read(rel: str) -> str | None:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            return (root / rel).read_text()
+        return None
+
+    if environ.get("APPTAINER_CONTAINER") or environ.get("SINGULARITY_CONTAINER"):
+        labels: dict[str, Any] = {}
+        with contextlib.suppress(ValueError, TypeError):
+            labels = dict(json.loads(read(".singularity.d/labels.json") or "{}"))
+        image = environ.get("APPTAINER_CONTAINER") or environ.get("SINGULARITY_CONTAINER")
+        digest = labels.get("org.opencontainers.image.digest") or labels.get(
+            "org.label-schema.usage.singularity.deffile.from"
+        )
+        return {
+            "runtime": "apptainer" if environ.get("APPTAINER_CONTAINER") else "singularity",
+            "image": image,
+            "name": environ.get("APPTAINER_NAME") or environ.get("SINGULARITY_NAME"),
+            "image_digest": labels.get("org.opencontainers.image.digest"),
+            "built_from": digest if digest != labels.get("org.opencontainers.image.digest") else None,
+            "labels": {str(k): str(v) for k, v in labels.items()},
+        }
+    if (env_file := read("run/.containerenv")) is not None:
+        fields = parse_containerenv(env_file)
+        return {
+            "runtime": "podman" if "podman" in fields.get("engine", "podman") else fields.get("engine", "podman"),
+            "image": fields.get("image"),
+            "image_digest": fields.get("imageid"),
+            "name": fields.get("name"),
+            "id": fields.get("id"),
+            "engine": fields.get("engine"),
+        }
+    if environ.get("KUBERNETES_SERVICE_HOST"):
+        namespace = read("var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        return {
+            "runtime": "kubernetes",
+            "pod": environ.get("HOSTNAME") or hostname(),
+            "namespace": namespace and namespace.strip(),
+            "image": None,
+            "image_digest": None,
+        }
+    cgroup = read("proc/self/cgroup") or ""
+    docker = (root / ".dockerenv").exists() or "docker" in cgroup
+    if docker or environ.get("container"):
+        found = re.search(r"[0-9a-f]{64}", cgroup + (read("proc/self/mountinfo") or ""))
+        runtime = "docker" if docker else environ.get("container")
+        return {"runtime": runtime, "id": found[0] if found else None, "image": None, "image_digest": None}
+    return None
+
+
+SCHEDULER_VARIABLES: dict[str, dict[str, str]] = {  # a block's field: the variable it comes from
+    "slurm": {
+        **{"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID"},
+        **{"cluster": "SLURM_CLUSTER_NAME", "partition": "SLURM_JOB_PARTITION", "node_list": "SLURM_JOB_NODELIST"},
+        **{"cpus_on_node": "SLURM_CPUS_ON_NODE", "cpus_per_task": "SLURM_CPUS_PER_TASK", "ntasks": "SLURM_NTASKS"},
+        **{"mem_per_node_mb": "SLURM_MEM_PER_NODE", "mem_per_cpu_mb": "SLURM_MEM_PER_CPU"},
+        **{"gpus": "SLURM_GPUS", "restart_count": "SLURM_RESTART_COUNT", "account": "SLURM_JOB_ACCOUNT"},
+        **{"qos": "SLURM_JOB_QOS", "step_id": "SLURM_STEP_ID", "job_name": "SLURM_JOB_NAME"},
+    },
+    "pbs": {"job_id": "PBS_JOBID", "array_index": "PBS_ARRAY_INDEX", "array_id": "PBS_ARRAYID", "queue": "PBS_QUEUE"},
+    "lsf": {"job_id": "LSB_JOBID", "array_index": "LSB_JOBINDEX", "queue": "LSB_QUEUE"},
+}
+
+
+def parse_scontrol_job(text: str) -> dict[str, str]:
+    """`scontrol show job --oneliner ID`: its Key=Value fields (a value may hold spaces only
+    in the last field, which this keeps whole)."""
+    return {m[1]: m[2] for m in re.finditer(r"(?:^|\s)(\w+)=(\S*)", text)}
+
+
+def collect_cluster(environ: Mapping[str, str], *, cwd: Path) -> dict[str, JSON]:
+    """The batch job the run is part of, from the scheduler's variables: SLURM (with the
+    batch script's hash and the time limit when `scontrol` answers in time), PBS/Torque, LSF."""
+    blocks: dict[str, JSON] = {}
+    for scheduler, fields in SCHEDULER_VARIABLES.items():
+        found = {field: environ[var] for field, var in fields.items() if environ.get(var)}
+        if found:
+            blocks[scheduler] = cast("JSON", found)
+    slurm = cast("dict[str, JSON] | None", blocks.get("slurm"))
+    if slurm and (scontrol := on_path("scontrol", environ)):
+        job = str(slurm["job_id"])
+        try:
+            fields = parse_scontrol_job(run_probe([scontrol, "show", "job", "--oneliner", job], cwd=cwd, env=environ))
+            slurm |= {"time_limit": fields.get("TimeLimit"), "batch_host": fields.get("BatchHost")}
+        except OSError as exc:
+            slurm["time_limit"] = {"unavailable": str(exc)}
+        try:
+            import hashlib
+
+            script = run_probe([scontrol, "write", "batch_script", job, "-"], cwd=cwd, env=environ)
+            slurm["batch_script_sha256"] = hashlib.sha256(script.encode()).hexdigest()
+        except OSError as exc:  # not a batch job (srun, salloc), or not allowed to read it
+            slurm["batch_script_sha256"] = {"unavailable": str(exc)}
+    elif slurm:
+        slurm["time_limit"] = {"unavailable": "scontrol is not on PATH"}
+    return blocks
+
+
+LOCK_FILES = ("uv.lock", "poetry.lock", "pdm.lock", "Pipfile.lock", "pixi.lock", "conda-lock.yml", "environment.yml")
+
+
+def collect_lock_files(root: Path) -> dict[str, JSON]:
+    """The hashes of the lock and requirement files at the root (no configuration needed)."""
+    import hashlib
+
+    found: dict[str, JSON] = {}
+    with contextlib.suppress(OSError):
+        names = sorted(n for n in os.listdir(root) if n in LOCK_FILES or re.fullmatch(r"requirements.*\.txt", n))
+        for name in names:
+            with contextlib.suppress(OSError):
+                with open(root / name, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+                found[name] = {"hash_algorithm": "sha256", "file_hash": digest, "size": (root / name).stat().st_size}
+    return found
+
+
 # === Vault ====================================================================
 
 
@@ -2052,6 +2394,13 @@ def collect_context(
     cpu_facts = functools.partial(collect_cpu, cache, has_cpuinfo=stamp is not None)
     cpu = _collector(cpu_facts, thread=thread) if config.include_cpu else None
     packages = _collector(collect_packages, thread=thread) if config.include_packages else None
+    wanted, slow = config.include_environment, {}  # slow: programs asked, overlapped with the rest
+    if "gpus" in wanted:
+        probe = any(on_path(tool, environ) for tool in ("nvidia-smi", "rocm-smi"))
+        slow["gpus"] = _collector(functools.partial(collect_gpus, cache, environ, cwd=config.root), thread=probe)
+    if "cluster" in wanted:
+        probe = "SLURM_JOB_ID" in environ
+        slow["cluster"] = _collector(functools.partial(collect_cluster, environ, cwd=config.root), thread=probe)
     context = capsule.context
     context["root_directory"], context["cwd"] = str(config.as_recorded(config.root)), str(config.as_recorded(cwd))
     context["platform"] = cast("dict[str, JSON]", cache.get("platform", collect_platform))
@@ -2084,6 +2433,18 @@ def collect_context(
     context["cpu"] = cpu() if cpu else None
     if packages:
         context["packages"] = packages()
+    quick: dict[str, Callable[[], Any]] = {
+        "conda": functools.partial(collect_conda, sys.prefix, environ, cache),
+        "container": functools.partial(collect_container, environ),
+        "lock_files": functools.partial(collect_lock_files, config.root),
+    }
+    for name, collect in quick.items():
+        if name in wanted:
+            slow[name] = _collector(collect, thread=False)
+    for name, join in sorted(slow.items()):  # a failure is unavailable, never a missing record
+        value = cast("dict[str, JSON] | None", join())
+        error = value.pop("error", None) if isinstance(value, dict) and len(value) == 1 else None
+        context[name] = {"unavailable": error} if error else value  # type: ignore[literal-required]
     return context
 
 
@@ -3062,6 +3423,12 @@ DEFAULT_IGNORES = (
     "post.resource_usage",
     *("post.stdout", "post.stderr"),  # compared as stdout.txt / stderr.txt, with a unified diff
     *("context.cpu.hz_actual*", "context.pre_capture_commands.*.duration", "context.config", "context.git.*.diff_file"),
+    *(
+        "context.cluster.*.job_id",
+        "context.cluster.*.array_job_id",
+        "context.cluster.*.step_id",
+        "context.conda.explicit",
+    ),
 )
 
 
@@ -3606,15 +3973,26 @@ def _config_from_record(record: Record, root: Path) -> Config:
     )
 
 
+# What verify compares of the GPUs: the hardware and driver a run gets.
+GPU_FACTS = {"driver_version", "cuda_version", "name", "uuid", "compute_capability", "memory_total_mib"}
+GPU_FACTS |= {"memory_total_bytes"}
+
+
 def _verified(key: Key) -> bool:
     """Whether verify compares a field: what could change a result (not the host name,
     not timestamps, not the interpreter's path)."""
     section, rest = (key[1], key[2:]) if len(key) > 1 else ("", ())
     if section == "platform":
         return rest in (("system",), ("machine",), ("release",), ("python", "implementation"), ("python", "version"))
-    if section in ("git", "files", "packages"):
+    if section in ("git", "files", "packages", "lock_files"):
         keep = ("sha", "branch", "dirty", "untracked", "file_hash", "version", "source", "sha256")
         return len(rest) > 1 and rest[-1] in keep
+    if section == "gpus":
+        return rest[:1] == ("visible_devices",) or rest[-1] in GPU_FACTS
+    if section == "conda":  # each package's exact build
+        return rest[:1] == ("packages",) and rest[-1] in ("version", "build", "channel")
+    if section == "container":
+        return rest in (("runtime",), ("image",), ("image_digest",))
     return section == "environment_variables"
 
 
@@ -3634,6 +4012,7 @@ def verify_capsule(record: Record, *, root: Path, scratch: Path, runner: Runner 
     wanted = [k for k in set(fa) | set(fb) if _verified(k) and not (k[1] == "files" and k[2] in moved | outputs)]
     if record.legacy:  # what 0.0.19 did not record cannot have changed
         wanted = [k for k in wanted if k in fa]
+    wanted = [k for k in wanted if k[1] in record.context]  # a context it did not record (turned off, older)
     findings = compare_fields({k: fa.get(k, ABSENT) for k in wanted}, {k: fb.get(k, ABSENT) for k in wanted})
     for name, patch in record.diff_files().items():
         now_patch = now_diffs.get(name, b"")
@@ -3988,6 +4367,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
         dirty = f" (dirty, {len(g.get('untracked', []))} untracked)" if g.get("dirty") else ""
         out.append(f"git       {name}: {g.get('sha')} on {g.get('branch')}{dirty}")
     out += [f"env       {key} = {value}" for key, value in r.context.get("environment_variables", {}).items()]
+    out += environment_lines(r.context)
     for title, files in (("input", r.context.get("files", {})), ("output", r.post.get("files", {}))):
         out += [f"{title:<9} {path} = {(e or {}).get('file_hash')}" for path, e in files.items()]
     if error := r.post.get("exception_info"):
@@ -3995,8 +4375,46 @@ def _cmd_show(args: argparse.Namespace) -> int:
     for name in (STDOUT, STDERR):
         tail = r.output(name).decode(errors="replace").splitlines()[-5:] if r.kind == "command" else []
         out += [f"{name:<9} {line}" for line in tail]
-    print("\n".join(out))
+    print("\n".join(map(printable, out)))
     return 0
+
+
+def environment_lines(context: Mapping[str, Any]) -> list[str]:
+    """What `capsula show` says of the GPUs, conda, the container, the batch job and the
+    lock files (values from a capsule: each checked for its type before it is used)."""
+
+    def table(value: object) -> dict[str, Any]:
+        return value if isinstance(value, dict) else {}
+
+    out, gpus = [], table(context.get("gpus"))
+    for vendor in ("nvidia", "amd"):
+        facts = table(gpus.get(vendor))
+        devices = facts.get("devices")
+        for d in map(table, devices if isinstance(devices, list) else []):
+            memory = f"{d['memory_total_mib']} MiB" if d.get("memory_total_mib") else d.get("memory_total_bytes")
+            cap = f", compute capability {d['compute_capability']}" if d.get("compute_capability") else ""
+            out.append(
+                f"gpu       {d.get('index')}: {d.get('name')} ({d.get('uuid') or d.get('unique_id')}, {memory}{cap})"
+            )
+        if facts.get("devices"):
+            cuda = f", CUDA {facts['cuda_version']}" if facts.get("cuda_version") else ""
+            out.append(f"gpu       {vendor} driver {facts.get('driver_version')}{cuda}")
+    visible = [f"{k}={v}" for k, v in table(gpus.get("visible_devices")).items() if v is not None]
+    out += [f"gpu       visible: {' '.join(visible)}"] if visible else []
+    if conda := table(context.get("conda")):
+        count = len(table(conda.get("packages")))
+        out.append(
+            f"conda     {conda.get('name')} ({conda.get('prefix')}), {count} packages, conda {conda.get('conda_version')}"
+        )
+    if container := table(context.get("container")):
+        what = container.get("image") or container.get("pod") or container.get("id") or "image unknown"
+        digest = f" {container['image_digest']}" if container.get("image_digest") else ""
+        out.append(f"container {container.get('runtime')}: {what}{digest}")
+    for scheduler, job in table(context.get("cluster")).items():
+        shown = " ".join(f"{k}={v}" for k, v in table(job).items() if not isinstance(v, dict))
+        out.append(f"{scheduler:<9} {shown}")
+    out += [f"lock      {name} = {table(e).get('file_hash')}" for name, e in table(context.get("lock_files")).items()]
+    return out
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
