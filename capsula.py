@@ -1963,8 +1963,10 @@ def collect_gpus(cache: HostCache, environ: Mapping[str, str], *, cwd: Path) -> 
             continue
         try:
             gpus[vendor] = cache.get(f"gpus {path}", functools.partial(facts, path, cwd=cwd, env=environ))
-        except (OSError, ValueError, SyntaxError) as exc:  # SyntaxError: ElementTree's ParseError
-            gpus[vendor] = {"unavailable": f"{tool}: {exc}"}
+        except OSError as exc:
+            gpus[vendor] = {"unavailable": str(exc)}
+        except (ValueError, SyntaxError) as exc:  # SyntaxError: ElementTree's ParseError
+            gpus[vendor] = {"unavailable": f"{tool} printed what Capsula cannot read: {exc}"}
     return gpus
 
 

@@ -225,3 +225,14 @@ def test_scancel_reaches_the_command_once(cluster: dict[str, str], project: Path
     capsule = _scancelled_capsule(cluster, project, job)
     assert (capsule / "stdout.txt").read_bytes() == b"ready\nTERM x1\n"
     assert load(capsule / "post-run-info.json")["status"] == "interrupted"
+
+
+def test_the_capsule_of_a_batch_job_holds_its_slurm_block(cluster: dict[str, str], project: Path) -> None:
+    job = _batch(cluster, project, f'exec "{sys.executable}" "{CAPSULA}" capture', "--time=10", "--job-name=train")
+    _wait_for_jobs(cluster)
+    (capsule,) = (project / "vault").iterdir()
+    slurm = load(capsule / "context.json")["cluster"]["slurm"]
+    (script,) = project.glob("job-*.sh")
+    assert slurm["job_id"] == job and slurm["partition"] == "debug" and slurm["cluster"] == "capsula"
+    assert slurm["job_name"] == "train" and slurm["node_list"] in ("n1", "n2") and slurm["time_limit"] == "00:10:00"
+    assert slurm["batch_script_sha256"] == hashlib.sha256(script.read_bytes()).hexdigest()
