@@ -187,8 +187,9 @@ def test_a_conda_environment_is_read_from_conda_meta_as_an_explicit_spec(tmp_pat
     prefix = conda_env(tmp_path)
     env = {"CONDA_PREFIX": str(prefix), "CONDA_DEFAULT_ENV": "analysis"}
     cache = capsula.HostCache(tmp_path / "cache", None)
-    conda = capsula.collect_conda(str(prefix), env, cache)
-    assert conda is not None
+    found = capsula.collect_conda(str(prefix), env, cache)
+    assert found is not None
+    conda: dict[str, Any] = found
     assert conda["name"] == "analysis" and conda["prefix"] == str(prefix) and conda["conda_version"] == "24.1.2"
     assert conda["packages"] == {
         "python": {
@@ -217,8 +218,8 @@ def test_a_conda_environment_is_read_from_conda_meta_as_an_explicit_spec(tmp_pat
         json.dumps({"name": "numpy", "version": "1.26.4", "build": "py311h64a7726_0", "subdir": "linux-64"})
     )
     os.utime(prefix / "conda-meta", ns=(1, 1))
-    later = capsula.collect_conda(str(prefix), env, cache)
-    assert later is not None and "numpy" in later["packages"]  # type: ignore[operator]
+    later: dict[str, Any] | None = capsula.collect_conda(str(prefix), env, cache)
+    assert later is not None and "numpy" in later["packages"]
     assert capsula.collect_conda(str(tmp_path), {}, cache) is None  # not a conda environment
 
 
