@@ -811,6 +811,8 @@ if TYPE_CHECKING:
         submodules: dict[str, GitRecord]  # by path in this repository, each with its own diff
         dirty: bool
         diff_file: str  # in the capsule
+        kept_as: str  # the ref that keeps sha alive in the repository (keep-commits)
+        bundle: str  # in the capsule: a git bundle of sha (bundle = true)
         error: str
 
     class CommandRecord(TypedDict):  # a pre-capture command
@@ -912,6 +914,7 @@ _FILE_SHAPE = {"hash_algorithm": (str, None), "file_hash": (str, None), "size": 
 _FILE_SHAPE |= {"copied": bool, "moved": bool, "symlink": str, "written_by_this_run": bool}
 _GIT_SHAPE = {"path": str, "sha": (str, None), "branch": (str, None), "root_in_repo": str, "diff_file": str}
 _GIT_SHAPE |= {"dirty": bool, "untracked": [str], "remotes": [{"name": str, "url": str}]}
+_GIT_SHAPE |= {"kept_as": str, "bundle": str}
 _GIT_SHAPE |= {"withheld": {"*": {"size": int, "sha256": (str, None)}}}
 _GIT_SHAPE |= {"too_large": {"*": {"size": int, "sha256": (str, None)}}}
 _GIT_SHAPE["submodules"] = {"*": _GIT_SHAPE}  # each as a repository of its own
@@ -1512,9 +1515,39 @@ def collect_git(
             _write_git_diff(runner, top, index, diff_path, base=sha or EMPTY_TREE, untracked=untracked, environ=environ)
     except (CaptureError, OSError) as exc:
         entry["error"] = f"cannot write {diff_path.name}: {exc}"
+    if sha and (config.keep_commits or config.git_bundle):
+        try:
+            entry |= keep_commit(runner, top, sha, config=config, capsule=into, name=name, environ=environ)
+        except (CaptureError, OSError) as exc:
+            entry["error"] = f"cannot keep commit {sha[:12]}: {exc}"
     if (top / ".gitmodules").is_file():
         entry["submodules"] = _collect_submodules(name, top, config=config, into=into, environ=environ, runner=runner)
     return entry
+
+
+def capsule_ref(capsule: str) -> str:
+    """The ref that keeps a capsule's commit: refs/capsula/<capsule name, as a ref allows it>."""
+    return "refs/capsula/" + (re.sub(r"[^A-Za-z0-9_-]+", "_", capsule).strip("_") or "capsule")
+
+
+def keep_commit(
+    runner: Runner, top: Path, sha: str, *, config: Config, capsule: Path, name: str, environ: Mapping[str, str]
+) -> GitRecord:
+    """Keep a recorded commit reachable, so that a rebase, a squash or `git gc` cannot delete
+    what a rerun needs: a ref (keep-commits), and/or a bundle of it in the capsule (bundle),
+    which a rerun fetches from when the repository lacks the commit."""
+    env, ref, kept = git_environment(environ), capsule_ref(capsule.name), cast("GitRecord", {})
+    run_git(runner, top, "update-ref", ref, sha, env=env)
+    try:
+        if config.git_bundle:
+            run_git(runner, top, "bundle", "create", "--quiet", str(capsule / f"{name}.bundle"), ref, env=env)
+            kept["bundle"] = f"{name}.bundle"
+    finally:
+        if not config.keep_commits:  # the ref only carried the commit into the bundle
+            run_git(runner, top, "update-ref", "-d", ref, sha, env=env)
+    if config.keep_commits:
+        kept["kept_as"] = ref
+    return kept
 
 
 def _collect_submodules(
@@ -4102,6 +4135,7 @@ def rebuilt_worktree(record: Record, *, source: Path, scratch: Path, runner: Run
     tmp = Path(tempfile.mkdtemp(prefix="rerun-", dir=scratch))
     tree, clones = tmp / "tree", []
     try:
+        _have_commit(record, repo, name, source, env=env, runner=runner)
         run_git(runner, source, "worktree", "add", "--detach", "--quiet", str(tree), str(repo.get("sha")), env=env)
         _apply(record, repo, name, tree, tmp=tmp, env=env, runner=runner)
         top = Path(run_git(runner, source, "rev-parse", "--show-toplevel", env=env).decode().strip())
@@ -4113,6 +4147,25 @@ def rebuilt_worktree(record: Record, *, source: Path, scratch: Path, runner: Run
         with contextlib.suppress(CapsulaError, OSError):
             run_git(runner, source, "worktree", "remove", "--force", str(tree), env=env)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _have_commit(
+    record: Record, repo: GitRecord, name: str, source: Path, *, env: Mapping[str, str], runner: Runner
+) -> None:
+    """Make sure the repository at source has the recorded commit: fetched from the capsule's
+    bundle when it lacks it, and a plain message when it cannot be had."""
+    sha = str(repo.get("sha"))
+    if runner(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=source, env=env)()[0] == 0:
+        return
+    if repo.get("bundle"):
+        bundle = record.inside(repo.get("bundle"), what=f"git.{name}.bundle")
+        run_git(runner, source, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", str(bundle), sha, env=env)
+        return
+    raise CapsulaError(
+        f"{record.name}: its commit {sha[:12]} is gone from {source} (a rebase, a squash or git gc removed it), "
+        "so its code cannot be rebuilt; set keep-commits = true (and bundle = true, to carry the commit in each "
+        "capsule) under [capture.git] so that later capsules keep theirs"
+    )
 
 
 NOISE = ("__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".ipynb_checkpoints", ".DS_Store", CACHE_DIR)

@@ -554,3 +554,49 @@ def test_a_capsules_text_cannot_drive_the_terminal(tmp_path: Path) -> None:
     _hand_made(vault, "evil", "2026-01-01T00:00:00+00:00", command="echo \x1b]0;owned\x07\x1b[2J")
     table = ok(run_capsula("list", "--vault", str(vault), cwd=tmp_path))
     assert "\x1b" not in table and "\x07" not in table and "echo ?]0;owned??[2J" in table
+
+
+def _rewrite_history_and_gc(repo: Path) -> None:
+    """What a rebase or a squash does to a recorded commit: nothing reaches it any more, and
+    git gc deletes it."""
+    git(repo, "commit", "-q", "--amend", "-m", "squashed")
+    git(repo, "reflog", "expire", "--expire=now", "--all")
+    git(repo, "gc", "-q", "--prune=now")
+
+
+def _run_and_rewrite(repo: Path, config: str) -> tuple[str, str]:
+    write_config(repo, config)
+    (repo / ".gitignore").write_text("vault/\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "config")
+    ok(run_capsula("monitor", "-q", sys.executable, "-c", "print(open('data.txt').read())", cwd=repo))
+    (capsule,) = (repo / "vault").iterdir()
+    sha = load(capsule / "context.json")["git"]["project"]["sha"]
+    _rewrite_history_and_gc(repo)
+    return capsule.name, sha
+
+
+def test_keep_commits_keeps_a_recorded_commit_through_a_rewrite_and_gc(repo: Path) -> None:
+    name, sha = _run_and_rewrite(repo, "[capture.git]\nkeep-commits = true\n")
+    assert git(repo, "rev-parse", f"refs/capsula/{name}").strip() == sha
+    assert git(repo, "cat-file", "-t", sha).strip() == "commit"
+    rerun = run_capsula("rerun", "latest~0", cwd=repo)
+    assert rerun.returncode == 0 and b"reproduced identically" in rerun.stdout, rerun.stderr
+
+
+def test_a_bundle_in_the_capsule_brings_back_a_deleted_commit(repo: Path) -> None:
+    name, sha = _run_and_rewrite(repo, "[capture.git]\nbundle = true\n")
+    assert not git(repo, "for-each-ref", "refs/capsula/").strip()  # only the bundle keeps it
+    assert subprocess.run(["git", "cat-file", "-e", sha], cwd=repo).returncode != 0  # gone from the repository
+    context = load(repo / "vault" / name / "context.json")["git"]["project"]
+    assert context["bundle"] == "project.bundle" and "kept_as" not in context
+    rerun = run_capsula("rerun", name, cwd=repo)
+    assert rerun.returncode == 0 and b"reproduced identically" in rerun.stdout, rerun.stderr
+
+
+def test_a_commit_gone_without_keep_commits_is_named_with_the_setting(repo: Path) -> None:
+    name, sha = _run_and_rewrite(repo, "[capture]\ninclude-cpu = false\n")
+    rerun = run_capsula("rerun", name, cwd=repo)
+    said = rerun.stderr.decode()
+    assert rerun.returncode != 0 and f"commit {sha[:12]} is gone" in said and "keep-commits = true" in said
+    assert "Traceback" not in said and len(said.strip().splitlines()) == 1
