@@ -869,6 +869,7 @@ if TYPE_CHECKING:
         source_file: str
         source_line: int | None
         function_name: str
+        function_source: str  # a function defined in a notebook cell
         kwargs: dict[str, JSON]
 
     class PostRunRecord(TypedDict, total=False):
@@ -941,7 +942,7 @@ _SHAPES: dict[str, Any] = {
         **_WHO_SHAPE,
         **{"root_directory": str, "cwd": str, "timestamp": str, "args": list, "args_redacted": bool},
         "items": ({"*": {"*": {"hash": (str, None), "copy": bool, "move": bool}}}, [str]),
-        **{"rerun_of": str, "function_name": str, "source_file": str, "kwargs": dict},
+        **{"rerun_of": str, "function_name": str, "source_file": str, "kwargs": dict, "function_source": str},
     },
     POST_RUN: {
         **{"timestamp": str, "run_time": str, "run_time_seconds": float, "exit_code": (int, None)},
@@ -2180,6 +2181,39 @@ def collect_cluster(environ: Mapping[str, str], *, cwd: Path) -> dict[str, JSON]
     return blocks
 
 
+def in_notebook() -> bool:
+    """Whether this interpreter is a Jupyter kernel (IPython's, through ipykernel)."""
+    return "ipykernel" in sys.modules
+
+
+def notebook_path(environ: Mapping[str, str]) -> Path | None:
+    """The notebook a kernel runs, where the kernel knows it: Jupyter Server gives its path in
+    JPY_SESSION_NAME (relative to the server's root: the kernel runs in its folder), VS Code in
+    ``__vsc_ipynb_file__``."""
+    path = environ.get("JPY_SESSION_NAME")
+    if not path:
+        with contextlib.suppress(Exception):
+            path = sys.modules["IPython"].get_ipython().user_ns.get("__vsc_ipynb_file__")
+    if not path or not isinstance(path, str):
+        return None
+    return Path(path) if os.path.isabs(path) else Path.cwd() / os.path.basename(path)
+
+
+def collect_notebook(capsule: Path, environ: Mapping[str, str]) -> dict[str, JSON]:
+    """The notebook of the kernel this runs in: its path, and the hash and a copy of its saved
+    content (what is on disk: cells run but not saved are not in it)."""
+    path = notebook_path(environ)
+    if path is None:
+        why = "the kernel does not know its notebook (Jupyter Server sets JPY_SESSION_NAME, VS Code __vsc_ipynb_file__)"
+        return {"path": None, "unavailable": why}
+    stored = f"notebook/{path.name}"
+    try:
+        digest = copy_and_hash(path, capsule / stored, "sha256")
+    except (OSError, ValueError) as exc:
+        return {"path": str(path), "unavailable": f"cannot read {path}: {exc}"}
+    return {"path": str(path), "hash_algorithm": "sha256", "file_hash": digest, "stored_as": stored}
+
+
 LOCK_FILES = ("uv.lock", "poetry.lock", "pdm.lock", "Pipfile.lock", "pixi.lock", "conda-lock.yml", "environment.yml")
 
 
@@ -2476,6 +2510,8 @@ def collect_context(
     for name, collect in quick.items():
         if name in wanted:
             slow[name] = _collector(collect, thread=False)
+    if in_notebook() and not in_place:
+        context["notebook"] = collect_notebook(capsule.path, environ)
     for name, join in sorted(slow.items()):  # a failure is unavailable, never a missing record
         value = cast("dict[str, JSON] | None", join())
         error = value.pop("error", None) if isinstance(value, dict) and len(value) == 1 else None
@@ -3374,6 +3410,13 @@ def monitor(
 
         source = Path(inspect.getsourcefile(fn) or inspect.getfile(fn)).absolute()
         line = fn.__code__.co_firstlineno if hasattr(fn, "__code__") else None
+        where = {"source_file": str(source), "source_line": line, "function_name": fn.__name__}
+        if in_notebook() and (source.parent.name.startswith("ipykernel_") or not source.is_file()):
+            # defined in a cell: the notebook and the function's own text, not a kernel's scratch file
+            notebook = notebook_path(os.environ)
+            where["source_file"] = str(notebook) if notebook else f"{source} (a notebook cell)"
+            with contextlib.suppress(OSError, TypeError):
+                where["function_source"] = inspect.getsource(fn)
         config = load_config(root) if root is not None else load_config(cwd=source.parent)
         check_items(config, items)
         positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -3395,7 +3438,7 @@ def monitor(
             pre = pre_run_record(
                 "function", root=config.root, cwd=Path.cwd(), started=now(), items=_items(config, items)
             )
-            pre.update({"source_file": str(source), "source_line": line, "function_name": fn.__name__})
+            pre.update(cast("PreRunRecord", where))
             shown = [REDACTED if hide(name) else jsonable(a, hide=hide) for a, name in zip(args, names, strict=False)]
             shown += [jsonable(a, hide=hide) for a in args[len(shown) :]]
             pre.update({"args": shown, "kwargs": cast("dict[str, JSON]", jsonable(kwargs, hide=hide))})
