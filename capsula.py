@@ -1611,6 +1611,20 @@ def _untracked_size(path: Path) -> int:
         return 0
 
 
+def _add_intent(runner: Runner, top: Path, untracked: Sequence[str], *, env: Mapping[str, str]) -> None:
+    """git add --intent-to-add of the untracked files that are still there: one deleted since
+    git status listed it (another program's temporary file) is no longer part of the tree,
+    and git refuses a path that matches nothing. Asked again while files keep vanishing."""
+    for attempt in range(3):
+        present = [u for u in untracked if os.path.lexists(top / u)]
+        try:
+            run_git(runner, top, *GIT_ADD_INTENT, env=env, stdin=b"".join(os.fsencode(u) + b"\0" for u in present))
+            return
+        except CaptureError:
+            if attempt == 2 or all(os.path.lexists(top / u) for u in present):
+                raise  # not a vanished file
+
+
 def _write_git_diff(
     runner: Runner,
     top: Path,
@@ -1630,8 +1644,7 @@ def _write_git_diff(
         if untracked:
             if index.exists():
                 copy_and_hash(index, tmp_index, None)
-            paths = b"\0".join(os.fsencode(u) for u in untracked) + b"\0"
-            run_git(runner, top, *GIT_ADD_INTENT, env=env, stdin=paths)
+            _add_intent(runner, top, untracked, env=env)
         run_git(runner, top, *GIT_DIFF, f"--output={tmp_diff}", base, env=env)  # git writes it: no copy in memory
         os.replace(tmp_diff, diff_path)
     finally:
@@ -1737,10 +1750,22 @@ def cache_directory(root: Path, environ: Mapping[str, str]) -> Path | None:
     .pytest_cache does (a .gitignore holding ``*``); None when it cannot be made.
     Deleting it loses nothing."""
     path = Path(environ.get("CAPSULA_CACHE_DIR") or root / CACHE_DIR)
+    ignore = b"*\n# made by capsula: facts kept between runs\n"
     try:
         if not (path / ".gitignore").exists():
-            path.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(path / ".gitignore", b"# made by capsula: facts kept between runs\n*\n")
+            # made whole beside it, then renamed into place: git never sees it without its .gitignore
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}")
+            os.mkdir(tmp)
+            try:
+                (tmp / ".gitignore").write_bytes(ignore)
+                os.rename(tmp, path)
+            except OSError:  # made meanwhile by another process, or by hand without one
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp / ".gitignore")
+                os.rmdir(tmp)
+                if not (path / ".gitignore").exists():
+                    write_bytes_atomic(path / ".gitignore", ignore)
     except (OSError, CapsulaError):
         return None
     return path

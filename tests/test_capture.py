@@ -482,3 +482,28 @@ def test_untracked_files_have_a_total_budget_beyond_which_they_are_listed_by_has
     patch = (capsule.path / "project.diff").read_text()
     assert all(f"b/{name}" in patch for name in diffed) and not any(f"b/{n}" in patch for n in git_entry["too_large"])
     assert "untracked files too large for project.diff, recorded by hash" in capsys.readouterr().err
+
+
+def test_an_untracked_file_deleted_while_git_reads_the_tree_does_not_spoil_the_record(repo: Path) -> None:
+    """Another process (or Capsula making its own cache folder) may delete a file between git
+    status and the diff: the capture is complete, and the diff holds the tree as it then is."""
+    (repo / "tmp-of-another-tool.txt").write_text("short-lived\n")
+    (repo / "notes.txt").write_text("kept\n")
+
+    def runner(args: list[str], **options: Any) -> Any:
+        if args[1] == "add":  # after git status listed it, before the diff
+            (repo / "tmp-of-another-tool.txt").unlink(missing_ok=True)
+        return capsula.start_process(args, **options)
+
+    capsule = capsula.capture(capsula.load_config(repo), runner=runner)
+    assert load(capsule.path / "capsule.json")["status"] == "completed"
+    diff = (capsule.path / "project.diff").read_text()
+    assert "notes.txt" in diff and "short-lived" not in diff
+
+
+def test_the_cache_folder_appears_already_ignoring_itself(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CAPSULA_CACHE_DIR")
+    cache = capsula.cache_directory(repo, {})
+    assert cache == repo / ".capsula_cache" and (cache / ".gitignore").read_text().startswith("*\n")
+    assert not git(repo, "status", "--porcelain", "--untracked-files=all").strip()
+    assert [p.name for p in repo.iterdir() if p.name.startswith(".capsula")] == [".capsula_cache"]
