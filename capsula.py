@@ -1538,7 +1538,12 @@ def keep_commit(
     what a rerun needs: a ref (keep-commits), and/or a bundle of it in the capsule (bundle),
     which a rerun fetches from when the repository lacks the commit."""
     env, ref, kept = git_environment(environ), capsule_ref(capsule.name), cast("GitRecord", {})
-    run_git(runner, top, "update-ref", ref, sha, env=env)
+    try:  # created, never moved: a capsule of the same name in another vault keeps its own commit
+        run_git(runner, top, "update-ref", ref, sha, "", env=env)
+    except CaptureError:
+        if run_git(runner, top, "rev-parse", "--verify", "--quiet", ref, env=env).strip() != sha.encode():
+            ref = f"{ref}-{sha[:12]}"
+            run_git(runner, top, "update-ref", ref, sha, env=env)
     try:
         if config.git_bundle:
             run_git(runner, top, "bundle", "create", "--quiet", str(capsule / f"{name}.bundle"), ref, env=env)

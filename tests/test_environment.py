@@ -319,3 +319,29 @@ def test_each_context_can_be_turned_off(repo: Path) -> None:
     context = capture(repo)
     assert not set(capsula.ENVIRONMENT_CONTEXTS) & set(context)
     assert only_capsule(repo / "vault")
+
+
+def test_show_reads_these_blocks_as_untrusted_input() -> None:
+    hostile: dict[str, Any] = {
+        "gpus": {
+            "nvidia": {"devices": "not a list"},
+            "amd": {"devices": [1, None, {"name": "x"}]},
+            "visible_devices": 3,
+        },
+        "conda": ["not", "a", "table"],
+        "container": {"runtime": "podman", "image": "\x1b]0;owned\x07"},
+        "cluster": {"slurm": "4242", "pbs": {"job_id": {"nested": 1}}},
+        "lock_files": {"uv.lock": None},
+    }
+    lines = capsula.environment_lines(hostile)
+    assert "gpu       None: x (None, None)" in lines and "container podman: \x1b]0;owned\x07" in lines
+    assert [capsula.printable(line) for line in lines if "podman" in line] == ["container podman: ?]0;owned?"]
+    assert "lock      uv.lock = None" in lines
+    proper = {
+        "conda": {"name": "analysis", "prefix": "/opt/envs/analysis", "packages": {"a": {}}, "conda_version": "24.1.2"}
+    }
+    proper |= {"cluster": {"slurm": {"job_id": "4242", "partition": "gpu", "time_limit": {"unavailable": "no"}}}}
+    assert capsula.environment_lines(proper) == [
+        "conda     analysis (/opt/envs/analysis), 1 packages, conda 24.1.2",
+        "slurm     job_id=4242 partition=gpu",
+    ]

@@ -600,3 +600,14 @@ def test_a_commit_gone_without_keep_commits_is_named_with_the_setting(repo: Path
     said = rerun.stderr.decode()
     assert rerun.returncode != 0 and f"commit {sha[:12]} is gone" in said and "keep-commits = true" in said
     assert "Traceback" not in said and len(said.strip().splitlines()) == 1
+
+
+def test_a_kept_commit_is_never_moved_by_a_capsule_of_the_same_name(repo: Path) -> None:
+    write_config(repo, "[capture]\ncapsule-template = 'run'\n[capture.git]\nkeep-commits = true\n")
+    first = load(Path(ok(run_capsula("capture", cwd=repo)).strip()) / "context.json")["git"]["project"]
+    shutil.rmtree(repo / "vault")  # another vault, or this one emptied: the same name again
+    (repo / "data.txt").write_text("changed\n")
+    git(repo, "commit", "-qam", "next")
+    second = load(Path(ok(run_capsula("capture", cwd=repo)).strip()) / "context.json")["git"]["project"]
+    assert first["kept_as"] == "refs/capsula/run" and git(repo, "rev-parse", "refs/capsula/run").strip() == first["sha"]
+    assert second["kept_as"] == f"refs/capsula/run-{second['sha'][:12]}" != first["kept_as"]
