@@ -163,7 +163,7 @@ def test_the_vault_holds_capsule_directories_only(repo: Path, monkeypatch: pytes
     assert (next((repo / "vault").iterdir()) / "context.json").is_file()
     # Facts kept between runs live in a cache that ignores itself, outside the vault.
     cache = repo / ".capsula_cache"
-    assert (cache / ".gitignore").read_text().splitlines()[-1] == "*"
+    assert "*" in (cache / ".gitignore").read_text().splitlines()
     untracked = git(repo, "status", "--porcelain", "--untracked-files=all").splitlines()
     assert not [line for line in untracked if "capsula_cache" in line]
 
