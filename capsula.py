@@ -4542,6 +4542,8 @@ def environment_lines(context: Mapping[str, Any]) -> list[str]:
         shown = " ".join(f"{k}={v}" for k, v in table(job).items() if not isinstance(v, dict))
         out.append(f"{scheduler:<9} {shown}")
     out += [f"lock      {name} = {table(e).get('file_hash')}" for name, e in table(context.get("lock_files")).items()]
+    if notebook := table(context.get("notebook")):
+        out.append(f"notebook  {notebook.get('path')} = {notebook.get('file_hash') or notebook.get('unavailable')}")
     return out
 
 

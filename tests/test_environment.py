@@ -341,7 +341,9 @@ def test_show_reads_these_blocks_as_untrusted_input() -> None:
         "conda": {"name": "analysis", "prefix": "/opt/envs/analysis", "packages": {"a": {}}, "conda_version": "24.1.2"}
     }
     proper |= {"cluster": {"slurm": {"job_id": "4242", "partition": "gpu", "time_limit": {"unavailable": "no"}}}}
+    proper |= {"notebook": {"path": "/work/analysis.ipynb", "file_hash": "ab12"}}
     assert capsula.environment_lines(proper) == [
         "conda     analysis (/opt/envs/analysis), 1 packages, conda 24.1.2",
         "slurm     job_id=4242 partition=gpu",
+        "notebook  /work/analysis.ipynb = ab12",
     ]
