@@ -4402,6 +4402,144 @@ def find_file(path: Path, vault: Path, cache: Path | None = None) -> list[tuple[
     return [hit[2:] for hit in found]
 
 
+class Lineage:
+    """How files came about, from content alone: a capsule's inputs (files recorded before
+    its run, and listed outputs it did not write) are matched by hash to earlier capsules'
+    outputs, back to inputs no capsule produced. Speed: built from the vault index."""
+
+    def __init__(self, vault: Path, cache: Path | None) -> None:
+        listing = list_capsules(vault, cache, parts=("files", "rows"), ordered=False)
+        self.rows = dict(zip(listing["name"], listing["row"], strict=True))
+        self.started = dict(zip(listing["name"], listing["instant"], strict=True))
+        self.inputs: dict[str, list[tuple[str, str, str]]] = {}  # capsule -> [(path, algorithm, hash)]
+        self.outputs: dict[str, list[tuple[str, str, str]]] = {}
+        self.made: dict[
+            tuple[str, str], list[tuple[float, str, str]]
+        ] = {}  # (algorithm, hash) -> [(started, capsule, path)]
+        for name, text in zip(listing["name"], listing["files"], strict=True):
+            if text == "[]":
+                continue
+            with contextlib.suppress(ValueError, TypeError):  # a row the index cannot hold is skipped
+                for role, path, algorithm, file_hash, written in json.loads(text):
+                    if role == "output" and written is not False:
+                        self.outputs.setdefault(name, []).append((path, algorithm, file_hash))
+                        self.made.setdefault((algorithm, file_hash), []).append((self.started[name], name, path))
+                    else:
+                        self.inputs.setdefault(name, []).append((path, algorithm, file_hash))
+
+    def producer(self, algorithm: str, file_hash: str, *, before: float = math.inf) -> str | None:
+        """The newest capsule that wrote this content and started before ``before``."""
+        made = [m for m in self.made.get((algorithm, file_hash), []) if m[0] < before]
+        return max(made)[1] if made else None
+
+    def of_file(self, path: Path) -> tuple[str | None, str, str]:
+        """(the capsule that made the file's current content, algorithm, hash)."""
+        algorithms = sorted({a for a, _ in self.made})
+        for algorithm in algorithms:
+            with contextlib.suppress(OSError, ValueError):
+                digest = hash_file(path, algorithm)
+                if (found := self.producer(algorithm, digest)) is not None:
+                    return found, algorithm, digest
+        return None, "sha256", hash_file(path, "sha256")
+
+    def step(self, name: str, seen: set[str] | None = None) -> dict[str, JSON]:
+        """A capsule with what made each of its inputs, recursively (a capsule met again is
+        named, not expanded)."""
+        seen = set() if seen is None else seen
+        row = json.loads(self.rows.get(name, "{}"))
+        git = row.get("git") if isinstance(row.get("git"), dict) else {}
+        node: dict[str, JSON] = {
+            "capsule": name,
+            "started": row.get("started"),
+            "status": row.get("status"),
+            "command": row.get("command"),
+            "git": {repo: (g or {}).get("sha") for repo, g in git.items() if isinstance(g, dict)},
+        }
+        if name in seen:
+            return node | {"repeated": True}
+        seen.add(name)
+        inputs: list[JSON] = []
+        for path, algorithm, file_hash in self.inputs.get(name, []):
+            source = self.producer(algorithm, file_hash, before=self.started.get(name, math.inf))
+            made_by = self.step(source, seen) if source else None
+            inputs.append({"path": path, "hash_algorithm": algorithm, "file_hash": file_hash, "produced_by": made_by})
+        return node | {"inputs": inputs}
+
+    def near(self, rel: str) -> list[tuple[str, str, str]]:
+        """Capsules that recorded a file at this path, or with this name: (capsule, path, hash), newest first."""
+        base = os.path.basename(rel)
+        found = [
+            (self.started[name], name, path, file_hash)
+            for kind in (self.outputs, self.inputs)
+            for name, files in kind.items()
+            for path, _, file_hash in files
+            if path == rel or os.path.basename(path) == base
+        ]
+        return [(name, path, file_hash) for _, name, path, file_hash in sorted(found, reverse=True)[:5]]
+
+
+def lineage_steps(node: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Every capsule in a lineage once, the oldest first: the order a rerun repeats them."""
+    found: dict[str, Mapping[str, Any]] = {}
+
+    def walk(n: Mapping[str, Any]) -> None:
+        for i in n.get("inputs", []):
+            if i.get("produced_by"):
+                walk(i["produced_by"])
+        if not n.get("repeated"):
+            found.setdefault(str(n["capsule"]), n)
+
+    walk(node)
+    return sorted(found.values(), key=lambda n: instant(n.get("started")))
+
+
+def lineage_text(node: Mapping[str, Any], link: str | None = None) -> list[str]:
+    """A lineage as an indented tree: each capsule with its status, git sha and command, and
+    under it the file that links each earlier capsule to it."""
+
+    def described(n: Mapping[str, Any]) -> str:
+        shas = ",".join(str(s)[:8] for s in (n.get("git") or {}).values() if s) or "-"
+        again = "  (as above)" if n.get("repeated") else ""
+        return f"{n['capsule']}  {n.get('status')}  git {shas}  {n.get('command') or '-'}{again}"
+
+    lines = [f"{link}  <- {described(node)}" if link else described(node)]
+    inputs = list(node.get("inputs", []))
+    for k, i in enumerate(inputs):
+        last = k == len(inputs) - 1
+        made = i.get("produced_by")
+        sub = lineage_text(made, i["path"]) if made else [f"{i['path']}  (no capsule produced it)"]
+        lines.append(("└── " if last else "├── ") + sub[0])
+        lines += [("    " if last else "│   ") + line for line in sub[1:]]
+    return lines
+
+
+def lineage_dot(node: Mapping[str, Any]) -> str:
+    """A lineage for Graphviz: capsules as boxes, files as ellipses, arrows as data flows."""
+    edges: list[str] = []
+    nodes: dict[str, str] = {}
+
+    def quoted(text: object) -> str:
+        return json.dumps(str(text), ensure_ascii=False)
+
+    def walk(n: Mapping[str, Any]) -> None:
+        capsule = f"capsule:{n['capsule']}"
+        nodes[capsule] = (
+            f"{quoted(capsule)} [shape=box, label={quoted(str(n['capsule']) + chr(10) + str(n.get('command') or ''))}]"
+        )
+        for i in [] if n.get("repeated") else n.get("inputs", []):
+            file = f"file:{i['path']}@{str(i['file_hash'])[:12]}"
+            nodes.setdefault(file, f"{quoted(file)} [shape=ellipse, label={quoted(i['path'])}]")
+            edges.append(f"  {quoted(file)} -> {quoted(capsule)};")
+            if i.get("produced_by"):
+                edges.append(f"  {quoted('capsule:' + str(i['produced_by']['capsule']))} -> {quoted(file)};")
+                walk(i["produced_by"])
+
+    walk(node)
+    return "\n".join(
+        ["digraph lineage {", "  rankdir=LR;", *(f"  {v};" for v in nodes.values()), *dict.fromkeys(edges), "}"]
+    )
+
+
 # === CLI ======================================================================
 
 if TYPE_CHECKING:
@@ -4577,6 +4715,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_rerun(args: argparse.Namespace) -> int:
     record = _record(args, args.capsule)
+    if args.upstream:
+        return _rerun_upstream(args, record)
     if args.here:
         lines = format_findings(_verify(args, record), old=" (capsule)", new=" (now)")
         said = ["the current environment differs from the capsule:", *lines] if lines else []
@@ -4588,6 +4728,66 @@ def _cmd_rerun(args: argparse.Namespace) -> int:
         return 0
     print("\n".join([f"not reproduced: {name} differs from {record.name}", *format_findings(findings)]))
     return code if code > 128 else 1
+
+
+def _rerun_upstream(args: argparse.Namespace, record: Record) -> int:
+    """Rerun every capsule of a lineage, the oldest first; stop at the first that does not reproduce."""
+    steps = lineage_steps(Lineage(*_vault_and_cache(args)).step(record.name))
+    project, skipped = _project_and_vault(args)[0], []
+    for k, step in enumerate(steps, 1):
+        old = _record(args, str(step["capsule"]))
+        where = f"step {k}/{len(steps)} {old.name} ({step.get('command') or old.kind})"
+        try:
+            code, new, findings = rerun_capsule(old, project=project)
+        except CapsulaError as exc:
+            print(printable(f"{where}: not rerun: {exc}"))
+            skipped.append(old.name)
+            continue
+        if findings:
+            print(printable(f"{where}: not reproduced by {new.name if new else '-'}"))
+            print("\n".join(map(printable, format_findings(findings))))
+            print(printable(f"the lineage of {record.name} first failed to reproduce at step {k}: {old.name}"))
+            return code if code > 128 else 1
+        print(printable(f"{where}: reproduced identically by {new.name if new else '-'}"))
+    rest = f"; not rerun: {', '.join(skipped)}" if skipped else ""
+    print(
+        printable(f"the lineage of {record.name} reproduced ({len(steps) - len(skipped)} of {len(steps)} steps){rest}")
+    )
+    return 1 if skipped else 0
+
+
+def _cmd_lineage(args: argparse.Namespace) -> int:
+    config, vault = _project_and_vault(args)
+    lineage = Lineage(vault, cache_directory(config.root, os.environ))
+    target = Path(args.target)
+    if target.is_file():
+        found, algorithm, digest = lineage.of_file(target)
+        if found is None:
+            rel = os.path.relpath(target.absolute(), config.root)
+            print(printable(f"no capsule produced {target} as it is now ({algorithm} {digest[:16]})"), file=sys.stderr)
+            for name, path, file_hash in lineage.near(rel):
+                print(printable(f"  {name} recorded {path} with {str(file_hash)[:16]}"), file=sys.stderr)
+            return 1
+        node, link = lineage.step(found), str(target)
+        data: dict[str, JSON] = {"file": link, "hash_algorithm": algorithm, "file_hash": digest, "produced_by": node}
+    else:
+        capsule = resolve_capsule(args.target, vault, cache_directory(config.root, os.environ))
+        node, link = lineage.step(capsule.name), None
+        data = node
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+    elif args.dot:
+        print(lineage_dot(node))
+    else:
+        print("\n".join(map(printable, lineage_text(node, link))))
+    return 0
+
+
+def _args_lineage(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="FILE|CAPSULE", help="a file, or a capsule (name, prefix, latest)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="print JSON")
+    shape.add_argument("--dot", action="store_true", help="print a Graphviz graph")
 
 
 def _cmd_find(args: argparse.Namespace) -> int:
@@ -4624,6 +4824,7 @@ def _args_diff(p: argparse.ArgumentParser) -> None:
 def _args_rerun(p: argparse.ArgumentParser) -> None:
     p.add_argument("capsule")
     p.add_argument("--here", action="store_true", help="rerun in the current working tree (after a verify)")
+    p.add_argument("--upstream", action="store_true", help="rerun the capsules that made its inputs too, oldest first")
 
 
 class Command(NamedTuple):
@@ -4650,6 +4851,9 @@ _COMMANDS = {
     "rerun": Command("run a command capsule again and compare the result", _cmd_rerun, True, _args_rerun),
     "find": Command(
         "which capsules recorded a file with this content", _cmd_find, True, lambda p: p.add_argument("file")
+    ),
+    "lineage": Command(
+        "the chain of capsules that produced a file or a capsule's inputs", _cmd_lineage, True, _args_lineage
     ),
 }
 
