@@ -527,6 +527,7 @@ class Config(NamedTuple):
     include_environment: tuple[str, ...] = ENVIRONMENT_CONTEXTS  # which of them a capture records
     keep_commits: bool = False  # refs/capsula/<capsule> keeps each recorded commit
     git_bundle: bool = False  # a git bundle of each recorded commit goes into the capsule
+    ro_crate: bool = False  # each capsule holds ro-crate-metadata.json: it is an RO-Crate as it stands
     pre_capture_commands: tuple[str, ...] = ()
     environment_variables: tuple[str, ...] = ()
     files: tuple[FileSpec, ...] = ()
@@ -562,6 +563,7 @@ class Config(NamedTuple):
             **{f"include_{name}": name in self.include_environment for name in ENVIRONMENT_CONTEXTS},
             "keep_commits": self.keep_commits,
             "git_bundle": self.git_bundle,
+            "ro_crate": self.ro_crate,
             "pre_capture_commands": list(self.pre_capture_commands),
             "environment_variables": list(self.environment_variables),
             "files": {f.path: f.as_dict() for f in self.files},
@@ -578,6 +580,7 @@ _CONFIG_SHAPE = {  # in conform()'s grammar; every other key is refused
     "capture": {
         **{"vault-directory": str, "capsule-template": str, "include-cpu": bool, "include-packages": bool},
         **{f"include-{name.replace('_', '-')}": bool for name in ENVIRONMENT_CONTEXTS},
+        "ro-crate": bool,
         **{"pre-capture-commands": [str], "environment-variables": [str], "files": {"*": _FILE_OPTIONS}},
         "git": {"repositories": {"*": str}, "keep-commits": bool, "bundle": bool},
     },
@@ -679,6 +682,7 @@ def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> 
         include_environment=tuple(n for n in ENVIRONMENT_CONTEXTS if cap.get(f"include-{n.replace('_', '-')}", True)),
         keep_commits=cap.get("git", {}).get("keep-commits", False),
         git_bundle=cap.get("git", {}).get("bundle", False),
+        ro_crate=cap.get("ro-crate", False),
         pre_capture_commands=tuple(cap.get("pre-capture-commands", ())),
         environment_variables=tuple(cap.get("environment-variables", ())),
         files=file_specs(cap.get("files", {}), where="capture.files", source=where, root=root),
@@ -2640,6 +2644,8 @@ def _capture(
     capsule.manifest["git"] = cast("dict[str, dict[str, JSON]]", git)
     if kind == "capture":
         capsule.write_manifest(status=status, finished=now().isoformat(), error="; ".join(capsule.missing) or None)
+        if config.ro_crate:
+            write_capsule_crate(capsule)
     return capsule
 
 
@@ -3377,6 +3383,8 @@ def finish_run(
     finally:
         with contextlib.suppress(OSError):
             (capsule.path / RESERVE).unlink()
+    if capsule.config.ro_crate:
+        write_capsule_crate(capsule)
 
 
 # === Decorator ================================================================
@@ -4540,6 +4548,202 @@ def lineage_dot(node: Mapping[str, Any]) -> str:
     )
 
 
+RO_CRATE = "https://w3id.org/ro/crate/1.1"
+PROCESS_RUN_CRATE = "https://w3id.org/ro/wfrun/process/0.5"
+CRATE_METADATA = "ro-crate-metadata.json"
+MEDIA_TYPES = {
+    ".json": "application/json",
+    ".txt": "text/plain",
+    ".diff": "text/x-diff",
+    ".bundle": "application/x-git",
+}
+
+
+def ro_crate(record: Record, files: Sequence[str]) -> dict[str, JSON]:
+    """A capsule as an RO-Crate 1.1 that conforms to the Process Run Crate profile 0.5: the
+    run as a CreateAction of its command or function, with its inputs as ``object`` and its
+    outputs as ``result`` (each with its hash), the git commits and the recorded environment
+    variables as properties. files: the capsule's files, relative to it, as the crate holds them."""
+    manifest, pre, post, context = manifest_of(record), record.pre, record.post, record.context
+    status = str(manifest.get("status") or UNKNOWN)
+    what = " ".join(manifest.get("command") or []) or str(manifest.get("function") or "") or "a capture"
+    stored = {
+        str((e or {}).get("stored_as")): p
+        for p, e in (*context.get("files", {}).items(), *post.get("files", {}).items())
+    }
+
+    def entity(path: str, entry: Mapping[str, Any] | None, role: str) -> dict[str, JSON]:
+        where = str(entry.get("stored_as")) if entry and entry.get("stored_as") in files else None
+        found: dict[str, JSON] = {"@id": where or f"#{role}:{path}", "@type": "File" if where else "CreativeWork"}
+        found["name"] = path
+        if entry and entry.get("file_hash"):
+            algorithm = str(entry.get("hash_algorithm"))
+            found |= (
+                {"sha256": entry["file_hash"]}
+                if algorithm == "sha256"
+                else {"identifier": f"{algorithm}:{entry['file_hash']}"}
+            )
+        if entry and isinstance(entry.get("size"), int):
+            found["contentSize"] = str(entry["size"])
+        return found
+
+    inputs = [entity(p, e, "input") for p, e in context.get("files", {}).items()]
+    inputs += [
+        entity(p, e, "input") for p, e in post.get("files", {}).items() if (e or {}).get("written_by_this_run") is False
+    ]
+    outputs = [
+        entity(p, e, "output")
+        for p, e in post.get("files", {}).items()
+        if (e or {}).get("written_by_this_run") is not False
+    ]
+    git = context.get("git", {})
+    code = [
+        {
+            "@id": f"#git:{name}",
+            "@type": "SoftwareSourceCode",
+            "name": f"{name} at {g.get('sha')}" + (" with uncommitted changes" if g.get("dirty") else ""),
+            "version": g.get("sha"),
+            **({"codeRepository": g["remotes"][0]["url"]} if g.get("remotes") else {}),
+        }
+        for name, g in git.items()
+        if g.get("sha")
+    ]
+    environment = [
+        {"@id": f"#env:{k}", "@type": "PropertyValue", "name": k, "value": v}
+        for k, v in context.get("environment_variables", {}).items()
+        if v is not None
+    ]
+    if record.kind == "function":
+        tool: dict[str, JSON] = {"@id": "#function", "@type": "SoftwareSourceCode", "name": what}
+        tool["version"] = next((str(c["version"]) for c in code), "unknown")
+    else:
+        program = (pre.get("args") or ["capsula"])[0] if record.kind == "command" else "capsula"
+        tool = {"@id": "#application", "@type": "SoftwareApplication", "name": str(program)}
+        tool["softwareVersion"] = __version__ if program == "capsula" else "unknown"
+    action: dict[str, JSON] = {
+        "@id": "#run",
+        "@type": "CreateAction",
+        "name": f"Run of {what}",
+        "description": f"{record.kind} run recorded by Capsula in capsule {record.name}: {status}",
+        "instrument": {"@id": str(tool["@id"])},
+        "agent": {"@id": "#agent"},
+        "object": [{"@id": str(e["@id"])} for e in inputs],
+        "result": [{"@id": str(e["@id"])} for e in outputs],
+        "environment": [{"@id": str(e["@id"])} for e in environment],
+    }
+    if started := _crate_time(manifest.get("started") or pre.get("timestamp") or context.get("timestamp")):
+        action["startTime"] = started
+    if ended := _crate_time(manifest.get("finished") or post.get("timestamp")):
+        action["endTime"] = ended
+    if status in (COMPLETED, FAILED, INTERRUPTED, INCOMPLETE):
+        failed = status != COMPLETED
+        action["actionStatus"] = f"http://schema.org/{'Failed' if failed else 'Completed'}ActionStatus"
+        if failed:
+            info: Mapping[str, Any] = post.get("exception_info") or {}
+            why = post.get("error") or manifest.get("error") or info.get("error_message")
+            action["error"] = str(why or f"{status}, exit code {manifest.get('exit_code')}")
+    host = str(pre.get("host") or manifest.get("host") or (context.get("platform") or {}).get("node") or "unknown host")
+    agent = {"@id": "#agent", "@type": "Person", "name": f"the user who ran it on {host}"}
+    parts: list[dict[str, JSON]] = [
+        {
+            "@id": f,
+            "@type": "File",
+            "name": stored.get(f, f),
+            "encodingFormat": MEDIA_TYPES.get(Path(f).suffix, "application/octet-stream"),
+        }
+        for f in files
+    ]
+    for part in parts:
+        for e in (*inputs, *outputs):
+            if e["@id"] == part["@id"]:
+                part |= {k: v for k, v in e.items() if k in ("sha256", "identifier", "contentSize")}
+    root: dict[str, JSON] = {
+        "@id": "./",
+        "@type": "Dataset",
+        "name": f"Capsule {record.name}",
+        "description": f"What Capsula recorded of {what}: the context it ran in, the run, and its outputs",
+        "datePublished": ended or started or now().isoformat(timespec="milliseconds"),
+        "conformsTo": {"@id": PROCESS_RUN_CRATE},
+        "license": {"@id": "#license"},
+        "hasPart": [{"@id": str(p["@id"])} for p in parts],
+        "mentions": cast("JSON", [{"@id": "#run"}, *[{"@id": str(c["@id"])} for c in code]]),
+    }
+    metadata = {"@id": CRATE_METADATA, "@type": "CreativeWork", "conformsTo": {"@id": RO_CRATE}, "about": {"@id": "./"}}
+    profile = {"@id": PROCESS_RUN_CRATE, "@type": "CreativeWork", "name": "Process Run Crate", "version": "0.5"}
+    license = {"@id": "#license", "@type": "CreativeWork", "name": "License not stated"}
+    license["description"] = "Capsula recorded this run; whoever ran it has not stated terms for this record"
+    extra = [e for e in (*inputs, *outputs) if not any(e["@id"] == p["@id"] for p in parts)]
+    graph: list[dict[str, Any]] = [metadata, root, profile, license, action, tool, agent, *parts, *extra, *code]
+    graph += environment
+    for e in graph:  # RO-Crate 1.1 writes a list of one as that one value
+        e.update({k: v[0] for k, v in e.items() if isinstance(v, list) and len(v) == 1})
+    terms = {"environment": "https://w3id.org/ro/terms/workflow-run#environment"}  # Workflow Run Crate's term
+    return {"@context": cast("JSON", [f"{RO_CRATE}/context", terms]), "@graph": cast("JSON", graph)}
+
+
+def _crate_time(timestamp: object) -> str | None:
+    """A recorded time as RO-Crate validators read ISO 8601: milliseconds and a +HH:MM offset."""
+    import datetime
+
+    try:
+        when = datetime.datetime.fromisoformat(str(timestamp))
+    except ValueError:
+        return None
+    return (
+        when.astimezone().isoformat(timespec="milliseconds")
+        if when.tzinfo is None
+        else when.isoformat(timespec="milliseconds")
+    )
+
+
+def export_ro_crate(record: Record, dest: Path) -> Path:
+    """Write the capsule as an RO-Crate: a folder (which must not exist, or be empty) holding
+    its files and ro-crate-metadata.json, or a .zip of them. Links in the capsule are left out."""
+    files = sorted(
+        str(p.relative_to(record.path))
+        for p in record.path.rglob("*")
+        if p.is_file() and not p.is_symlink() and p.name != CRATE_METADATA and not p.name.startswith(".")
+    )
+    metadata = json.dumps(ro_crate(record, files), indent=2, ensure_ascii=False).encode()
+    if dest.suffix.lower() == ".zip":
+        import zipfile
+
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+        try:
+            with zipfile.ZipFile(tmp, "x", zipfile.ZIP_DEFLATED) as z:
+                z.writestr(CRATE_METADATA, metadata)
+                for f in files:
+                    z.write(record.path / f, f)
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return dest
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ConfigError(f"{dest} exists and is not an empty folder; give a new folder or a .zip path")
+    for f in files:
+        copy_and_hash(record.path / f, dest / f, None)
+    write_bytes_atomic(dest / CRATE_METADATA, metadata)
+    return dest
+
+
+def write_capsule_crate(capsule: Capsule) -> None:
+    """ro-crate-metadata.json in the capsule itself (ro-crate = true): the capsule is then an
+    RO-Crate as it stands. A failure is said, and the run's record stays as it is."""
+    try:
+        record = read_capsule(capsule.path)
+        files = sorted(
+            str(p.relative_to(capsule.path))
+            for p in capsule.path.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        )
+        crate = ro_crate(record, [f for f in files if f != CRATE_METADATA])
+        write_bytes_atomic(capsule.path / CRATE_METADATA, json.dumps(crate, indent=2, ensure_ascii=False).encode())
+    except (CapsulaError, OSError) as exc:
+        warn(f"{capsule.path}: no {CRATE_METADATA}: {exc}")
+
+
 # === CLI ======================================================================
 
 if TYPE_CHECKING:
@@ -4790,6 +4994,18 @@ def _args_lineage(p: argparse.ArgumentParser) -> None:
     shape.add_argument("--dot", action="store_true", help="print a Graphviz graph")
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    record = _record(args, args.capsule)
+    dest = Path(args.ro_crate or f"{record.name}-ro-crate.zip")
+    print(export_ro_crate(record, dest))
+    return 0
+
+
+def _args_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("capsule", help="a path, a name, a unique prefix, latest or latest~N")
+    p.add_argument("--ro-crate", metavar="DIR|ZIP", help="where the RO-Crate goes (default: ./NAME-ro-crate.zip)")
+
+
 def _cmd_find(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
@@ -4852,6 +5068,7 @@ _COMMANDS = {
     "find": Command(
         "which capsules recorded a file with this content", _cmd_find, True, lambda p: p.add_argument("file")
     ),
+    "export": Command("write a capsule as an RO-Crate (Process Run Crate)", _cmd_export, True, _args_export),
     "lineage": Command(
         "the chain of capsules that produced a file or a capsule's inputs", _cmd_lineage, True, _args_lineage
     ),
