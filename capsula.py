@@ -4744,6 +4744,221 @@ def write_capsule_crate(capsule: Capsule) -> None:
         warn(f"{capsule.path}: no {CRATE_METADATA}: {exc}")
 
 
+REPORT_TAIL = 4096  # bytes of stdout and stderr a report shows per capsule
+REPORT_ROWS = 1000  # rows the report's table shows at once (the filter narrows the rest)
+
+
+def _tail(record: Record, name: str) -> str:
+    path = record.output_file(name)
+    if path is None:
+        return record.output(name).decode(errors="replace")[-REPORT_TAIL:]
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - REPORT_TAIL))
+        return f.read().decode(errors="replace")
+    return ""
+
+
+def report_entry(record: Record, *, host: str, boot_id: str | None) -> dict[str, JSON]:
+    """What the report shows of one capsule: its row, and the details of its page."""
+    manifest, context, post = manifest_of(record), record.context, record.post
+    row = _row(record.name, manifest, host=host, boot_id=boot_id)
+    usage = post.get("resource_usage")
+    rss = usage.get("max_rss_bytes") if isinstance(usage, dict) else None
+    platform: dict[str, Any] = context.get("platform") or {}
+    files = {p: (e or {}).get("file_hash") for p, e in context.get("files", {}).items()}
+    outputs = {p: (e or {}).get("file_hash") for p, e in post.get("files", {}).items()}
+    details: dict[str, JSON] = {
+        "context": {
+            "root": context.get("root_directory"),
+            "cwd": record.pre.get("cwd") or context.get("cwd"),
+            "platform": platform.get("platform"),
+            "host": platform.get("node"),
+            "python": cast("dict[str, JSON]", platform.get("python") or {}).get("version"),
+            "git": {
+                n: {"sha": g.get("sha"), "branch": g.get("branch"), "dirty": g.get("dirty")}
+                for n, g in context.get("git", {}).items()
+            },
+            "environment": cast("JSON", context.get("environment_variables", {})),
+            "inputs": cast("JSON", files),
+        },
+        "run": {
+            "args": record.pre.get("args"),
+            "exit_code": post.get("exit_code"),
+            "run_time_seconds": post.get("run_time_seconds"),
+            "max_rss_bytes": rss,
+            "error": post.get("error") or manifest.get("error"),
+            "exception": cast("JSON", post.get("exception_info")),
+        },
+        "outputs": cast("JSON", outputs),
+        "stdout": _tail(record, STDOUT) if record.kind == "command" else "",
+        "stderr": _tail(record, STDERR) if record.kind == "command" else "",
+    }
+    items = manifest.get("items") or list(cast("dict[str, JSON]", record.pre.get("items") or {}))
+    return row | {"items": cast("JSON", items), "max_rss": rss if isinstance(rss, int) else None, "details": details}
+
+
+def _svg_plot(points: Sequence[tuple[float, float, str]], *, title: str, unit: str) -> str:
+    """A scatter plot of (time, value, label) as inline SVG: no script, no font, no network."""
+    import html
+
+    width, height, pad = 640, 200, 40
+    if not points:
+        return f'<svg class="plot" width="{width}" height="40" role="img"><title>{html.escape(title)}</title><text x="4" y="24">{html.escape(title)}: nothing to plot</text></svg>'
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y1 = min(xs), max(xs), max(ys) or 1.0
+    dots = "".join(
+        f'<circle cx="{pad + (x - x0) / ((x1 - x0) or 1) * (width - 2 * pad):.1f}" '
+        f'cy="{height - pad - y / y1 * (height - 2 * pad):.1f}" r="2.5"><title>{html.escape(label)}: {y:g} {unit}</title></circle>'
+        for x, y, label in points
+    )
+    axes = f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}"/>'
+    import datetime
+
+    day = [datetime.datetime.fromtimestamp(x).strftime("%Y-%m-%d %H:%M") for x in (x0, x1)]
+    labels = f'<text x="{pad}" y="{pad - 8}">{html.escape(title)} (max {y1:g} {unit})</text>'
+    labels += f'<text x="{pad}" y="{height - pad + 16}">{day[0]}</text>'
+    labels += f'<text x="{width - pad}" y="{height - pad + 16}" text-anchor="end">{day[1]}</text>'
+    return f'<svg class="plot" width="{width}" height="{height}" role="img">{axes}{labels}{dots}</svg>'
+
+
+def report_html(entries: Sequence[Mapping[str, Any]], *, vault: Path) -> str:
+    """The whole report: one HTML file that needs nothing but itself."""
+    import html
+
+    when = [(t, e) for e in entries if math.isfinite(t := instant(e["started"]))]
+    times = [(t, float(e["run_time"]), str(e["name"])) for t, e in when if isinstance(e.get("run_time"), (int, float))]
+    memory = [(t, e["max_rss"] / 2**20, str(e["name"])) for t, e in when if isinstance(e.get("max_rss"), int)]
+    plots = _svg_plot(times, title="run time", unit="s") + _svg_plot(memory, title="peak memory", unit="MiB")
+    data = json.dumps(entries, ensure_ascii=False).replace("</", "<\\/").replace("<!--", "<\\!--")
+    page = _REPORT_PAGE.replace("{title}", html.escape(f"Capsula report: {vault}"))
+    return page.replace("{plots}", plots).replace("{rows}", str(REPORT_ROWS)).replace("{data}", data)
+
+
+_REPORT_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top}
+th{cursor:pointer;background:#f4f4f4;user-select:none}tr.completed td.status{color:#070}tr.failed td.status,tr.died td.status{color:#b00}
+td.name a{font-family:monospace}pre{background:#f7f7f7;padding:6px;overflow:auto;max-height:24em;white-space:pre-wrap}
+.differs td{background:#fff3c4}.plot line{stroke:#888}.plot circle{fill:#36c;fill-opacity:.6}.plot text{font-size:12px}
+#filters input,#filters select{margin-right:1em}.hidden{display:none}
+</style></head><body>
+<h1>{title}</h1>
+<nav><a href="#">all capsules</a></nav>
+<section id="overview"><div id="plots">{plots}</div>
+<p id="filters">status <select id="status"><option value="">any</option></select>
+search <input id="q" size="40" placeholder="name, command, item or git sha">
+<button id="compare">compare the two ticked</button> <span id="count"></span></p>
+<table id="capsules"><thead><tr><th></th><th data-key="name">capsule</th><th data-key="started">started</th>
+<th data-key="kind">kind</th><th data-key="status">status</th><th data-key="exit_code">exit</th>
+<th data-key="run_time">time (s)</th><th data-key="max_rss">peak memory (MiB)</th><th data-key="git">git</th>
+<th data-key="command">command</th></tr></thead><tbody></tbody></table></section>
+<section id="page" class="hidden"></section>
+<script type="application/json" id="data">{data}</script>
+<script>
+"use strict";
+const capsules = JSON.parse(document.getElementById("data").textContent);
+const byName = new Map(capsules.map(c => [c.name, c]));
+const ROWS = {rows};
+const state = {status: "", q: "", sort: "-started", capsule: "", compare: ""};
+function el(tag, text, cls) { const e = document.createElement(tag); if (text !== undefined && text !== null) e.textContent = String(text); if (cls) e.className = cls; return e; }
+function shas(c) { return Object.values(c.git || {}).map(g => (g && g.sha ? String(g.sha).slice(0, 8) : "")).join(","); }
+function value(c, key) { return key === "git" ? shas(c) : key === "started" ? String(c.started || "") : c[key]; }
+function readHash() {
+  const p = new URLSearchParams(location.hash.slice(1));
+  for (const k of Object.keys(state)) state[k] = p.get(k) || (k === "sort" ? "-started" : "");
+}
+function writeHash() {
+  const p = new URLSearchParams(); for (const [k, v] of Object.entries(state)) if (v && !(k === "sort" && v === "-started")) p.set(k, v);
+  const h = p.toString(); if (location.hash.slice(1) !== h) history.replaceState(null, "", h ? "#" + h : location.pathname);
+}
+function matches(c) {
+  if (state.status && c.status !== state.status) return false;
+  if (!state.q) return true;
+  const q = state.q.toLowerCase();
+  return [c.name, c.command, shas(c), ...(c.items || [])].some(s => String(s || "").toLowerCase().includes(q));
+}
+function renderTable() {
+  const key = state.sort.replace(/^-/, ""), dir = state.sort.startsWith("-") ? -1 : 1;
+  const rows = capsules.filter(matches).sort((a, b) => { const x = value(a, key), y = value(b, key);
+    return (x === y ? 0 : x === null || x === undefined ? 1 : y === null || y === undefined ? -1 : x < y ? -1 : 1) * dir; });
+  const body = document.querySelector("#capsules tbody"); body.replaceChildren();
+  for (const c of rows.slice(0, ROWS)) {
+    const tr = el("tr", undefined, c.status); const box = el("input"); box.type = "checkbox"; box.value = c.name;
+    const td = el("td"); td.append(box); tr.append(td);
+    const name = el("td", undefined, "name"); const a = el("a", c.name); a.href = "#capsule=" + encodeURIComponent(c.name); name.append(a); tr.append(name);
+    tr.append(el("td", String(c.started || "").slice(0, 19).replace("T", " ")), el("td", c.kind), el("td", c.status, "status"),
+      el("td", c.exit_code), el("td", typeof c.run_time === "number" ? c.run_time.toFixed(2) : ""),
+      el("td", typeof c.max_rss === "number" ? (c.max_rss / 1048576).toFixed(1) : ""), el("td", shas(c)), el("td", c.command));
+    body.append(tr);
+  }
+  document.getElementById("count").textContent = rows.length > ROWS ? `${rows.length} match; the first ${ROWS} are shown: narrow the search` : `${rows.length} of ${capsules.length} capsules`;
+}
+function table(obj) {
+  const t = el("table");
+  for (const [k, v] of Object.entries(obj || {})) { const tr = el("tr"); tr.append(el("th", k), el("td", typeof v === "object" && v !== null ? JSON.stringify(v) : v)); t.append(tr); }
+  return t;
+}
+function renderCapsule(c) {
+  const page = document.getElementById("page"); page.replaceChildren();
+  page.append(el("h2", "capsule " + c.name), table({kind: c.kind, status: c.status, started: c.started, command: c.command, items: (c.items || []).join(", "), "rerun of": c.rerun_of}));
+  for (const part of ["context", "run"]) { page.append(el("h3", part), table(c.details[part])); }
+  page.append(el("h3", "outputs"), table(c.details.outputs), el("h3", "stdout (tail)"), el("pre", c.details.stdout), el("h3", "stderr (tail)"), el("pre", c.details.stderr));
+}
+function flat(obj, prefix, out) {
+  for (const [k, v] of Object.entries(obj || {})) { const key = prefix ? prefix + "." + k : k;
+    if (v && typeof v === "object" && !Array.isArray(v)) flat(v, key, out); else out[key] = JSON.stringify(v); }
+  return out;
+}
+function renderCompare(a, b) {
+  const page = document.getElementById("page"); page.replaceChildren();
+  page.append(el("h2", `${a.name} and ${b.name} side by side`));
+  const fa = flat({status: a.status, command: a.command, ...a.details}, "", {}), fb = flat({status: b.status, command: b.command, ...b.details}, "", {});
+  const t = el("table"); const head = el("tr"); head.append(el("th", "field"), el("th", a.name), el("th", b.name)); t.append(head);
+  let differ = 0;
+  for (const k of [...new Set([...Object.keys(fa), ...Object.keys(fb)])].sort()) {
+    const tr = el("tr", undefined, fa[k] === fb[k] ? "same" : "differs"); if (fa[k] !== fb[k]) differ++;
+    tr.append(el("td", k), el("td", fa[k] ?? "(absent)"), el("td", fb[k] ?? "(absent)")); t.append(tr);
+  }
+  page.append(el("p", `${differ} fields differ`, "summary"), t);
+}
+function render() {
+  readHash();
+  document.getElementById("status").value = state.status; document.getElementById("q").value = state.q;
+  const pair = state.compare.split(",").map(n => byName.get(n));
+  const one = byName.get(state.capsule);
+  document.getElementById("overview").classList.toggle("hidden", Boolean(one || (pair.length === 2 && pair[0] && pair[1])));
+  document.getElementById("page").classList.toggle("hidden", !(one || (pair.length === 2 && pair[0] && pair[1])));
+  if (one) renderCapsule(one); else if (pair.length === 2 && pair[0] && pair[1]) renderCompare(pair[0], pair[1]); else renderTable();
+}
+for (const s of [...new Set(capsules.map(c => c.status))].sort()) { const o = el("option", s); o.value = s; document.getElementById("status").append(o); }
+document.getElementById("status").onchange = e => { state.status = e.target.value; writeHash(); renderTable(); };
+document.getElementById("q").oninput = e => { state.q = e.target.value; writeHash(); renderTable(); };
+document.querySelectorAll("#capsules th[data-key]").forEach(th => th.onclick = () => {
+  const k = th.dataset.key; state.sort = state.sort === k ? "-" + k : k; writeHash(); renderTable(); });
+document.getElementById("compare").onclick = () => {
+  const ticked = [...document.querySelectorAll("#capsules tbody input:checked")].map(b => b.value);
+  if (ticked.length === 2) location.hash = "compare=" + ticked.map(encodeURIComponent).join(",");
+  else alert("tick two capsules to compare them");
+};
+window.addEventListener("hashchange", render);
+render();
+</script></body></html>
+"""
+
+
+def write_report(vault: Path, cache: Path | None, out: Path) -> int:
+    """Write the report of every capsule in the vault; the number of capsules in it."""
+    host, boot = hostname(), read_boot_id()
+    entries = []
+    for name in list_capsules(vault, cache, parts=())["name"]:
+        with contextlib.suppress(VaultError):
+            entries.append(report_entry(read_capsule(vault / name), host=host, boot_id=boot))
+    write_bytes_atomic(out, report_html(entries, vault=vault).encode())
+    return len(entries)
+
+
 # === CLI ======================================================================
 
 if TYPE_CHECKING:
@@ -5006,6 +5221,15 @@ def _args_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ro-crate", metavar="DIR|ZIP", help="where the RO-Crate goes (default: ./NAME-ro-crate.zip)")
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    vault, cache = _vault_and_cache(args)
+    out = Path(args.output)
+    count = write_report(vault, cache, out)
+    print(out)
+    say(f"{count} capsules in {out}")
+    return 0
+
+
 def _cmd_find(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
@@ -5069,6 +5293,12 @@ _COMMANDS = {
         "which capsules recorded a file with this content", _cmd_find, True, lambda p: p.add_argument("file")
     ),
     "export": Command("write a capsule as an RO-Crate (Process Run Crate)", _cmd_export, True, _args_export),
+    "report": Command(
+        "write the vault as one self-contained HTML page",
+        _cmd_report,
+        True,
+        lambda p: p.add_argument("-o", "--output", default="capsula-report.html", metavar="FILE.html"),
+    ),
     "lineage": Command(
         "the chain of capsules that produced a file or a capsule's inputs", _cmd_lineage, True, _args_lineage
     ),
