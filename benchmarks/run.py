@@ -283,6 +283,36 @@ def bench_vault(report: Report, workdir: Path, count: int, runs: int) -> None:
         )
 
 
+def bench_lineage(report: Report, workdir: Path, count: int, runs: int) -> None:
+    """`capsula lineage` of a file over a vault of ``count`` capsules that each recorded an
+    input and an output (copies of a real run), the index built by a first call."""
+    project = make_project(workdir / "lineage")
+    (project / "in.txt").write_text("an input\n")
+    config = '[capture]\ninclude-cpu = false\n[capture.files]\n"in.txt" = {}\n[monitor.item.out.files]\n"out.txt" = {}\n'
+    (project / "capsula.toml").write_text(config)
+    code = "open('out.txt', 'w').write(open('in.txt').read().upper())"
+    subprocess.run([*CAPSULA, "monitor", "-q", "-i", "out", PY, "-c", code], cwd=project, env=env(), check=True)
+    vault = project / "vault"
+    (seed,) = [p for p in vault.iterdir() if not p.name.startswith(".")]
+    files = {p.name: p.read_bytes() for p in seed.iterdir() if p.is_file()}
+    for i in range(count - 1):
+        copy = vault / f"{seed.name}_{i:06d}"
+        copy.mkdir()
+        for name, data in files.items():
+            (copy / name).write_bytes(data)
+    first = wall([*CAPSULA, "lineage", "out.txt"], cwd=project, runs=1)
+    ours = wall([*CAPSULA, "lineage", "out.txt"], cwd=project, runs=runs)
+    said = subprocess.run([*CAPSULA, "lineage", "out.txt"], cwd=project, env=env(), capture_output=True).stdout
+    right = said.startswith(b"out.txt  <- ") and b"in.txt  (no capsule produced it)" in said
+    report.add(
+        f"capsula lineage of a file, {count} capsules",
+        f"{ours:.3f} s, tree {'right' if right else 'WRONG'}",
+        f"first call {first:.1f} s",
+        "< 1 s",
+        ours < 1 and right,
+    )
+
+
 def bench_diff(report: Report, workdir: Path, size_mb: int, runs: int) -> None:
     """`capsula diff` of two runs whose stdout is ``size_mb`` MB of repetitive lines, 100 of
     them changed, against GNU diff on the same two files."""
@@ -445,6 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_diff(report, work, 10 if args.quick else 100, 3 if args.quick else 5)
         bench_untracked(report, work, 1000, 3 if args.quick else 11)
         bench_vault(report, work, 1000 if args.quick else 100_000, 3 if args.quick else 7)
+        bench_lineage(report, work, 1000 if args.quick else 10_000, 3 if args.quick else 7)
         bench_packages(report, project, runs)
         if args.peers:
             bench_peers(report, work, runs)
