@@ -4613,9 +4613,9 @@ def ro_crate(record: Record, files: Sequence[str]) -> dict[str, JSON]:
         for k, v in context.get("environment_variables", {}).items()
         if v is not None
     ]
-    if record.kind == "function":
-        tool: dict[str, JSON] = {"@id": "#function", "@type": "SoftwareSourceCode", "name": what}
-        tool["version"] = next((str(c["version"]) for c in code), "unknown")
+    if record.kind == "function":  # the function at the recorded commit
+        tool: dict[str, JSON] = {"@id": "#function", "@type": "SoftwareApplication", "name": what}
+        tool["softwareVersion"] = next((str(c["version"]) for c in code), "unknown")
     else:
         program = (pre.get("args") or ["capsula"])[0] if record.kind == "command" else "capsula"
         tool = {"@id": "#application", "@type": "SoftwareApplication", "name": str(program)}
@@ -4624,7 +4624,7 @@ def ro_crate(record: Record, files: Sequence[str]) -> dict[str, JSON]:
         "@id": "#run",
         "@type": "CreateAction",
         "name": f"Run of {what}",
-        "description": f"{record.kind} run recorded by Capsula in capsule {record.name}: {status}",
+        "description": f"{record.kind} run of `{what}`, recorded by Capsula in capsule {record.name}: {status}",
         "instrument": {"@id": str(tool["@id"])},
         "agent": {"@id": "#agent"},
         "object": [{"@id": str(e["@id"])} for e in inputs],

@@ -108,7 +108,8 @@ def test_a_failed_run_and_a_function_are_process_run_crates(repo: Path, tmp_path
 
     assert train(21) == 42
     function = entities(exported(repo, "latest", tmp_path / "function"))
-    assert function["#function"]["@type"] == "SoftwareSourceCode" and "train" in function["#function"]["name"]
+    assert function["#function"]["@type"] == "SoftwareApplication" and "train" in function["#function"]["name"]
+    assert function["#function"]["softwareVersion"] == function["#git:project"]["version"]
 
 
 def test_a_0_0_19_capsule_is_a_process_run_crate(tmp_path: Path) -> None:
