@@ -2510,17 +2510,55 @@ def collect_context(
     context["environment_variables"] = collect_environment(
         config.environment_variables, environ, patterns=config.secret_patterns, allow=config.secret_allow
     )
+    quick: dict[str, Callable[[], Any]] = {
+        "conda": functools.partial(collect_conda, sys.prefix, environ, cache),
+        "container": functools.partial(collect_container, environ),
+        "lock_files": functools.partial(collect_lock_files, config.root),
+    }
+    for name, collect in quick.items():  # while git runs
+        if name in wanted:
+            slow[name] = _collector(collect, thread=False)
+    if in_notebook() and not in_place:
+        context["notebook"] = collect_notebook(capsule.path, environ)
+    listed = expand_paths(config.files, root=config.root, env=environ)
+    moves = any(spec.move for spec, _ in listed)
+    if not moves:  # Speed: copied and hashed while git reads the tree, which a move would change
+        try:
+            context["files"] = _collect_files(capsule, listed, in_place=in_place)
+        except BaseException:
+            for join in pending.values():  # no git left unreaped
+                join()
+            raise
     context["git"] = {name: cast("GitRecord", join()) for name, join in pending.items()}
     for name, entry in context["git"].items():
         if entry.get("withheld"):
-            listed = ", ".join(entry.get("withheld", {}))
-            warn(f"{name}: not in {name}.diff, as secrets by name ([redact] files): {listed}", capsule.warnings)
+            listed_names = ", ".join(entry.get("withheld", {}))
+            warn(f"{name}: not in {name}.diff, as secrets by name ([redact] files): {listed_names}", capsule.warnings)
         if entry.get("too_large"):
-            listed = ", ".join(entry.get("too_large", {}))
-            warn(f"{name}: untracked files too large for {name}.diff, recorded by hash: {listed}", capsule.warnings)
-    context["files"] = files = {}
-    for spec, path in expand_paths(config.files, root=config.root, env=environ):
-        if in_place:  # verify: hash in place, nothing copied or moved
+            listed_names = ", ".join(entry.get("too_large", {}))
+            warn(
+                f"{name}: untracked files too large for {name}.diff, recorded by hash: {listed_names}", capsule.warnings
+            )
+    if moves:
+        context["files"] = _collect_files(capsule, listed, in_place=in_place)
+    context["cpu"] = cpu() if cpu else None
+    if packages:
+        context["packages"] = packages()
+    for name, join in sorted(slow.items()):  # a failure is unavailable, never a missing record
+        value = cast("dict[str, JSON] | None", join())
+        error = value.pop("error", None) if isinstance(value, dict) and len(value) == 1 else None
+        context[name] = {"unavailable": error} if error else value  # type: ignore[literal-required]
+    return context
+
+
+def _collect_files(
+    capsule: Capsule, listed: Sequence[tuple[FileSpec, str]], *, in_place: bool
+) -> dict[str, FileRecord | None]:
+    """[capture.files]: each hashed, and copied or moved into the capsule as its spec says
+    (with in_place, for verify, only hashed where it is)."""
+    config, files = capsule.config, {}
+    for spec, path in listed:
+        if in_place:
             files[path] = _hash_in_place(config.root / path, spec.hash)
         elif (spec.copy or spec.move) and not is_inside(path, config.root):
             warn(f"{path}: outside the root {config.root}; not stored", capsule.warnings)
@@ -2533,24 +2571,7 @@ def collect_context(
                 reserved=capsule.reserved,
                 warnings=capsule.warnings,
             )
-    context["cpu"] = cpu() if cpu else None
-    if packages:
-        context["packages"] = packages()
-    quick: dict[str, Callable[[], Any]] = {
-        "conda": functools.partial(collect_conda, sys.prefix, environ, cache),
-        "container": functools.partial(collect_container, environ),
-        "lock_files": functools.partial(collect_lock_files, config.root),
-    }
-    for name, collect in quick.items():
-        if name in wanted:
-            slow[name] = _collector(collect, thread=False)
-    if in_notebook() and not in_place:
-        context["notebook"] = collect_notebook(capsule.path, environ)
-    for name, join in sorted(slow.items()):  # a failure is unavailable, never a missing record
-        value = cast("dict[str, JSON] | None", join())
-        error = value.pop("error", None) if isinstance(value, dict) and len(value) == 1 else None
-        context[name] = {"unavailable": error} if error else value  # type: ignore[literal-required]
-    return context
+    return files
 
 
 def _hash_in_place(path: Path, algorithm: str | None) -> FileRecord | None:
