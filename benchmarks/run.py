@@ -288,7 +288,9 @@ def bench_lineage(report: Report, workdir: Path, count: int, runs: int) -> None:
     input and an output (copies of a real run), the index built by a first call."""
     project = make_project(workdir / "lineage")
     (project / "in.txt").write_text("an input\n")
-    config = '[capture]\ninclude-cpu = false\n[capture.files]\n"in.txt" = {}\n[monitor.item.out.files]\n"out.txt" = {}\n'
+    config = (
+        '[capture]\ninclude-cpu = false\n[capture.files]\n"in.txt" = {}\n[monitor.item.out.files]\n"out.txt" = {}\n'
+    )
     (project / "capsula.toml").write_text(config)
     code = "open('out.txt', 'w').write(open('in.txt').read().upper())"
     subprocess.run([*CAPSULA, "monitor", "-q", "-i", "out", PY, "-c", code], cwd=project, env=env(), check=True)
