@@ -1917,8 +1917,24 @@ def run_pre_capture_command(
 PROBE_SECONDS = 10.0  # the time limit of a program asked for facts (nvidia-smi, rocm-smi, scontrol)
 
 
+_PROCESS_FACTS: dict[tuple[object, ...], Any] = {}  # facts that cannot change within one process
+
+
+def per_process(key: tuple[object, ...], compute: Callable[[], T]) -> T:
+    """compute(), once per process for this key (a forked child computes its own). Speed:
+    a decorated function's every call would otherwise look them up again."""
+    key = (os.getpid(), *key)
+    if key not in _PROCESS_FACTS:
+        _PROCESS_FACTS[key] = compute()
+    return cast("T", _PROCESS_FACTS[key])
+
+
 def on_path(name: str, environ: Mapping[str, str]) -> str | None:
-    """The program ``name`` as the run's PATH finds it, or None."""
+    """The program ``name`` as the run's PATH finds it, or None (looked up once per process)."""
+    return per_process(("on_path", name, environ.get("PATH")), functools.partial(_on_path, name, environ))
+
+
+def _on_path(name: str, environ: Mapping[str, str]) -> str | None:
     for directory in os.get_exec_path(environ):
         path = os.path.join(directory, name)
         if os.path.isfile(path) and os.access(path, os.X_OK):
@@ -2112,6 +2128,11 @@ def collect_conda(prefix: str, environ: Mapping[str, str], cache: HostCache) -> 
 def parse_containerenv(text: str) -> dict[str, str]:
     """Podman's /run/.containerenv: key="value" lines."""
     return {m[1]: m[2] for m in re.finditer(r'^(\w+)="(.*)"$', text, re.M)}
+
+
+# What collect_container reads of the environment: the key of its facts within one process.
+CONTAINER_KEYS: tuple[str, ...] = ("APPTAINER_CONTAINER", "SINGULARITY_CONTAINER", "APPTAINER_NAME")
+CONTAINER_KEYS += ("SINGULARITY_NAME", "KUBERNETES_SERVICE_HOST", "HOSTNAME", "container")
 
 
 def collect_container(environ: Mapping[str, str], root: Path = Path("/")) -> dict[str, JSON] | None:
@@ -2512,7 +2533,9 @@ def collect_context(
     )
     quick: dict[str, Callable[[], Any]] = {
         "conda": functools.partial(collect_conda, sys.prefix, environ, cache),
-        "container": functools.partial(collect_container, environ),
+        "container": functools.partial(
+            per_process, ("container", *map(environ.get, CONTAINER_KEYS)), functools.partial(collect_container, environ)
+        ),
         "lock_files": functools.partial(collect_lock_files, config.root),
     }
     for name, collect in quick.items():  # while git runs
