@@ -245,6 +245,17 @@ def bench_decorator(report: Report, project: Path, calls: int) -> None:
     report.add("@capsula.monitor per-call overhead", f"{per_call:.1f} ms", "a plain call", "<= 2 ms", per_call <= 2)
 
 
+def fill_vault(vault: Path, count: int) -> None:
+    """Copy the vault's one capsule until it holds ``count``, each copy a capsule of its own."""
+    (seed,) = [p for p in vault.iterdir() if not p.name.startswith(".")]
+    files = {p.name: p.read_bytes() for p in seed.iterdir() if p.is_file()}
+    for i in range(count - 1):
+        copy = vault / f"{seed.name}_{i:06d}"
+        copy.mkdir()
+        for name, data in files.items():
+            (copy / name).write_bytes(data)
+
+
 def bench_vault(report: Report, workdir: Path, count: int, runs: int) -> None:
     """list, show latest and find over a vault of ``count`` capsules made by real runs (copied:
     each copy a capsule of its own), with what list keeps between calls built by the first."""
@@ -254,14 +265,7 @@ def bench_vault(report: Report, workdir: Path, count: int, runs: int) -> None:
         (project / "capsula.toml").read_text() + '\n[monitor.item.bench.files]\n"out.txt" = {}\n'
     )
     subprocess.run([*CAPSULA, "monitor", "-q", "-i", "bench", "true"], cwd=project, env=env(), check=True)
-    vault = project / "vault"
-    (seed,) = [p for p in vault.iterdir() if not p.name.startswith(".")]
-    files = {p.name: p.read_bytes() for p in seed.iterdir() if p.is_file()}
-    for i in range(count - 1):
-        copy = vault / f"{seed.name}_{i:06d}"
-        copy.mkdir()
-        for name, data in files.items():
-            (copy / name).write_bytes(data)
+    fill_vault(project / "vault", count)
     out = workdir / "vault-out.txt"  # peak RSS by VmHWM: a forked child's ru_maxrss counts its parent's
     first, _ = peak_rss_while_running([*CAPSULA, "list"], cwd=project, stdout_path=out)
     listed = subprocess.run([*CAPSULA, "list", "--json"], cwd=project, env=env(), capture_output=True, check=True)
@@ -294,14 +298,7 @@ def bench_lineage(report: Report, workdir: Path, count: int, runs: int) -> None:
     (project / "capsula.toml").write_text(config)
     code = "open('out.txt', 'w').write(open('in.txt').read().upper())"
     subprocess.run([*CAPSULA, "monitor", "-q", "-i", "out", PY, "-c", code], cwd=project, env=env(), check=True)
-    vault = project / "vault"
-    (seed,) = [p for p in vault.iterdir() if not p.name.startswith(".")]
-    files = {p.name: p.read_bytes() for p in seed.iterdir() if p.is_file()}
-    for i in range(count - 1):
-        copy = vault / f"{seed.name}_{i:06d}"
-        copy.mkdir()
-        for name, data in files.items():
-            (copy / name).write_bytes(data)
+    fill_vault(project / "vault", count)
     first = wall([*CAPSULA, "lineage", "out.txt"], cwd=project, runs=1)
     ours = wall([*CAPSULA, "lineage", "out.txt"], cwd=project, runs=runs)
     said = subprocess.run([*CAPSULA, "lineage", "out.txt"], cwd=project, env=env(), capture_output=True).stdout

@@ -129,8 +129,17 @@ def test_ro_crate_true_makes_every_capsule_a_crate_as_it_is_made(repo: Path) -> 
         assert problems(capsule) == []
 
 
-def test_an_export_never_overwrites(repo: Path, tmp_path: Path) -> None:
+def test_an_export_never_overwrites_nor_follows_a_capsules_links(repo: Path, tmp_path: Path) -> None:
     assert run_capsula("capture", cwd=repo).returncode == 0
+    (capsule,) = (repo / "vault").iterdir()
+    (tmp_path / "secret.txt").write_text("not for export\n")
+    (capsule / "notes.txt").symlink_to(tmp_path / "secret.txt")  # a capsule edited by someone else
+    (capsule / "more").symlink_to(tmp_path, target_is_directory=True)
+    crate = tmp_path / "crate.zip"
+    assert run_capsula("export", "latest", "--ro-crate", str(crate), cwd=repo).returncode == 0
+    with zipfile.ZipFile(crate) as z:
+        assert not any("notes" in n or n.startswith("more") for n in z.namelist())
+        assert b"not for export" not in b"".join(z.read(n) for n in z.namelist())
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "mine.txt").write_text("keep\n")
     result = run_capsula("export", "latest", "--ro-crate", str(tmp_path / "taken"), cwd=repo)
