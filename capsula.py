@@ -39,7 +39,6 @@ import contextvars
 import errno
 import functools
 import json
-import math
 import os
 import re
 import signal
@@ -3614,10 +3613,7 @@ def _row(name: str, manifest: Manifest, *, host: str, boot_id: str | None) -> di
 def printable(text: str) -> str:
     """Text from a capsule, safe to print on a terminal: control characters (an escape
     sequence in a hand-made capsule's command) are shown as '?'."""
-    return text if text.isprintable() else _UNPRINTABLE.sub("?", text)
-
-
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+    return text if text.isprintable() else re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", "?", text)
 
 
 def table_cells(r: Mapping[str, JSON]) -> tuple[str, ...]:
@@ -3811,7 +3807,7 @@ class VaultIndex:
             columns["instant"] = list(map(float, columns["instant"]))
         except (OSError, ValueError):
             return None
-        return None if any(map(math.isnan, columns["instant"])) else columns  # NaN would not sort
+        return None if any(t != t for t in columns["instant"]) else columns  # NaN would not sort
 
     def add(self, fresh: Listing, *, merge_with: Listing | None = None) -> None:
         """Keep the rows of capsules read afresh whose run has ended, in a new segment, or,
@@ -4479,7 +4475,7 @@ class Lineage:
                     else:
                         self.inputs.setdefault(name, []).append((path, algorithm, file_hash))
 
-    def producer(self, algorithm: str, file_hash: str, *, before: float = math.inf) -> str | None:
+    def producer(self, algorithm: str, file_hash: str, *, before: float = float("inf")) -> str | None:
         """The newest capsule that wrote this content and started before ``before``."""
         made = [m for m in self.made.get((algorithm, file_hash), []) if m[0] < before]
         return max(made)[1] if made else None
@@ -4512,7 +4508,7 @@ class Lineage:
         seen.add(name)
         inputs: list[JSON] = []
         for path, algorithm, file_hash in self.inputs.get(name, []):
-            source = self.producer(algorithm, file_hash, before=self.started.get(name, math.inf))
+            source = self.producer(algorithm, file_hash, before=self.started.get(name, float("inf")))
             made_by = self.step(source, seen) if source else None
             inputs.append({"path": path, "hash_algorithm": algorithm, "file_hash": file_hash, "produced_by": made_by})
         return node | {"inputs": inputs}
@@ -4869,7 +4865,7 @@ def report_html(entries: Sequence[Mapping[str, Any]], *, vault: Path) -> str:
     """The whole report: one HTML file that needs nothing but itself."""
     import html
 
-    when = [(t, e) for e in entries if math.isfinite(t := instant(e["started"]))]
+    when = [(t, e) for e in entries if abs(t := instant(e["started"])) != float("inf")]
     times = [(t, float(e["run_time"]), str(e["name"])) for t, e in when if isinstance(e.get("run_time"), (int, float))]
     memory = [(t, e["max_rss"] / 2**20, str(e["name"])) for t, e in when if isinstance(e.get("max_rss"), int)]
     plots = _svg_plot(times, title="run time", unit="s") + _svg_plot(memory, title="peak memory", unit="MiB")
