@@ -2546,7 +2546,7 @@ def collect_context(
     moves = any(spec.move for spec, _ in listed)
     if not moves:  # Speed: copied and hashed while git reads the tree, which a move would change
         try:
-            context["files"] = _collect_files(capsule, listed, in_place=in_place)
+            _collect_files(capsule, listed, in_place=in_place)
         except BaseException:
             for join in pending.values():  # no git left unreaped
                 join()
@@ -2562,7 +2562,7 @@ def collect_context(
                 f"{name}: untracked files too large for {name}.diff, recorded by hash: {listed_names}", capsule.warnings
             )
     if moves:
-        context["files"] = _collect_files(capsule, listed, in_place=in_place)
+        _collect_files(capsule, listed, in_place=in_place)
     context["cpu"] = cpu() if cpu else None
     if packages:
         context["packages"] = packages()
@@ -2573,12 +2573,12 @@ def collect_context(
     return context
 
 
-def _collect_files(
-    capsule: Capsule, listed: Sequence[tuple[FileSpec, str]], *, in_place: bool
-) -> dict[str, FileRecord | None]:
-    """[capture.files]: each hashed, and copied or moved into the capsule as its spec says
-    (with in_place, for verify, only hashed where it is)."""
-    config, files = capsule.config, {}
+def _collect_files(capsule: Capsule, listed: Sequence[tuple[FileSpec, str]], *, in_place: bool) -> None:
+    """[capture.files] into the context, each hashed, and copied or moved into the capsule as
+    its spec says (with in_place, for verify, only hashed where it is). Each file is in the
+    context as soon as it is stored, so that an interrupted capture still records it."""
+    config = capsule.config
+    capsule.context["files"] = files = {}
     for spec, path in listed:
         if in_place:
             files[path] = _hash_in_place(config.root / path, spec.hash)
@@ -2593,7 +2593,6 @@ def _collect_files(
                 reserved=capsule.reserved,
                 warnings=capsule.warnings,
             )
-    return files
 
 
 def _hash_in_place(path: Path, algorithm: str | None) -> FileRecord | None:
