@@ -230,6 +230,16 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _stat_key(path: str | os.PathLike[str], *, follow: bool = True) -> tuple[int, ...] | None:
+    """What changes when a file is written, renamed over or has its mode changed: size,
+    times, inode, mode (of a link itself when follow is false); None: it does not exist."""
+    try:
+        st = os.stat(path, follow_symlinks=follow)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode
+
+
 def user_error_text(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
@@ -1433,16 +1443,157 @@ GIT_ADD_INTENT = ("add", "--intent-to-add", "--pathspec-from-file=-", "--pathspe
 
 
 _REPOSITORY_FACTS: dict[tuple[str, int], tuple[bytes, bytes]] = {}  # (path, pid): git's top level, remotes
+GIT_STATUS = ("status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all")
 
 
-def start_git_reads(path: Path, *, environ: Mapping[str, str], runner: Runner) -> list[Callable[[], bytes]]:
+# A decorated function's calls skip `git status` while nothing git reads has changed.
+WATCH_LIMIT = 20_000  # paths: lstat-ing more would cost about what git status does
+WATCH_BUILDS = 3  # trees built in a row, none trusted: a tree that keeps changing is no longer watched
+RACY = 2.0  # s: an entry changed this recently could change again within one tick of its file system's clock
+
+
+class CleanTree:
+    """A repository that ``git status`` found clean, as lstat sees it: git's own
+    directories (an update of the index, HEAD, a ref or the config renames a file into
+    one), the config and ignore files git reads, every tracked file and every directory
+    of the work tree that git walks (POSIX changes a directory's times whenever an entry
+    is added to it, removed or renamed; ignored ones are left out), and the .gitignore
+    files in them. While every stamp is unchanged, git status would print what it did.
+
+    It is trusted only after a later status, asked after the stamps were taken again and
+    found equal, printed the same, with nothing changed for RACY seconds before: then no
+    change made while it was built can hide, nor one within a tick of the clock.
+    """
+
+    __slots__ = ("paths", "stamps", "status", "trusted")
+
+    def __init__(self, paths: list[str], stamps: list[tuple[int, ...] | None], status: bytes) -> None:
+        self.paths, self.stamps, self.status, self.trusted = paths, stamps, status, False
+
+    def stamps_now(self) -> list[tuple[int, ...] | None]:
+        return [_stat_key(p, follow=False) for p in self.paths]
+
+
+_CLEAN_TREES: dict[tuple[object, ...], CleanTree] = {}  # (path, pid, HOME, XDG_CONFIG_HOME): the tree
+_TREE_BUILDS: dict[tuple[object, ...], int] = {}
+
+
+def _settle_tree(
+    path: Path,
+    key: tuple[object, ...],
+    tree: CleanTree | None,
+    stamps: list[tuple[int, ...] | None] | None,
+    asked: float,
+    status_of: Callable[[], bytes],
+    *,
+    facts: bytes,
+    environ: Mapping[str, str],
+    runner: Runner,
+) -> bytes:
+    """git's status, waited for; on the way, the tree watched is trusted, watched anew or
+    dropped. A failure to watch it only leaves git to be asked next time."""
+    status = status_of()
+    records = status.split(b"\0")
+    if any(r[:2] in (b"1 ", b"2 ", b"u ", b"? ") for r in records):
+        _CLEAN_TREES.pop(key, None)
+    elif tree is not None and stamps == tree.stamps and status == tree.status:
+        newest = max((max(s[1], s[2]) for s in stamps if s), default=0)
+        tree.trusted = newest < (asked - RACY) * 1e9
+        if tree.trusted:  # it served: a later change may be watched anew
+            _TREE_BUILDS[key] = 0
+    elif _TREE_BUILDS.get(key, 0) < WATCH_BUILDS:
+        _TREE_BUILDS[key] = _TREE_BUILDS.get(key, 0) + 1
+        _CLEAN_TREES.pop(key, None)
+        try:
+            built = watch_tree(path, facts, status, environ=environ, runner=runner)
+        except (CaptureError, OSError, ValueError):
+            built = None
+        if built is not None:
+            _CLEAN_TREES[key] = built
+    return status
+
+
+def watch_tree(
+    path: Path, facts: bytes, status: bytes, *, environ: Mapping[str, str], runner: Runner
+) -> CleanTree | None:
+    """The CleanTree of the repository at path, whose status (with --ignored=matching)
+    was clean; None for one with submodules (each is recorded by git calls of its own)
+    or with more than WATCH_LIMIT paths to watch."""
+    env = git_environment(environ)
+    top_s, _, git_dir, common_s = os.fsdecode(facts).splitlines()[:4]
+    top, common = Path(top_s), path / common_s
+    listed, config = wait_all(
+        [
+            git_start(runner, top, "ls-files", "-z", "--stage", env=env),
+            git_start(runner, top, "config", "-z", "--list", "--show-origin", env=env, ok=1),
+        ]
+    )
+    home = Path(environ.get("HOME") or "~").expanduser()
+    xdg = Path(environ.get("XDG_CONFIG_HOME") or home / ".config") / "git"
+    files = [home / ".gitconfig", xdg / "config", xdg / "ignore", xdg / "attributes", Path("/etc/gitconfig")]
+    files += [common / "info" / "exclude", common / "info" / "attributes", Path(git_dir) / "index"]
+    records = iter(config.split(b"\0"))
+    for origin, entry in zip(records, records, strict=False):
+        name, _, value = os.fsdecode(entry).partition("\n")
+        if origin.startswith(b"file:"):
+            files.append(top / os.fsdecode(origin[5:]))
+        if name.lower() in ("core.excludesfile", "core.attributesfile"):
+            files.append(top / os.path.expanduser(value))
+    paths: list[str] = []
+    stamps: list[tuple[int, ...] | None] = []
+
+    def watch(p: str | os.PathLike[str]) -> None:
+        paths.append(os.fspath(p))
+        stamps.append(_stat_key(p, follow=False))
+
+    def walk(root: str, ignored: set[str]) -> None:
+        """Watch root and each directory below it but .git and the ignored (relative to
+        root), each before it is listed: an entry added after the listing changes it."""
+        stack = [root]
+        while stack and len(paths) <= WATCH_LIMIT:
+            directory = stack.pop()
+            watch(directory)
+            with os.scandir(directory) as entries:
+                for e in entries:
+                    if e.is_dir(follow_symlinks=False):
+                        if e.name != ".git" and e.path[len(root) + 1 :] not in ignored:
+                            stack.append(e.path)
+                    elif e.name == ".gitignore":
+                        watch(e.path)
+
+    for f in dict.fromkeys([Path(git_dir), common, common / "info", common / "reftable", *files]):
+        watch(f)
+    walk(str(common / "refs"), set())
+    walk(str(top), {os.fsdecode(r[2:-1]) for r in status.split(b"\0") if r[:2] == b"! " and r.endswith(b"/")})
+    for record in filter(None, listed.split(b"\0")):
+        mode, _, tracked = record.partition(b"\t")
+        if mode.startswith(b"160000"):
+            return None
+        watch(top / os.fsdecode(tracked))
+    return CleanTree(paths, stamps, status) if len(paths) <= WATCH_LIMIT else None
+
+
+def start_git_reads(
+    path: Path, *, environ: Mapping[str, str], runner: Runner, watch: bool = False
+) -> list[Callable[[], bytes]]:
     """git's reads of a repository, started together so that they overlap: its status and,
     once per process (a decorated function's later calls make one call), its top level and
-    remotes. collect_git waits for them."""
+    remotes. collect_git waits for them. watch: the process will capture again (a
+    decorated function): a clean tree is watched, and git is not asked again while
+    nothing it reads has changed (see CleanTree)."""
+    facts = _REPOSITORY_FACTS.get((str(path), os.getpid()))
+    key = (str(path), os.getpid(), environ.get("HOME"), environ.get("XDG_CONFIG_HOME"))
+    tree, asked = _CLEAN_TREES.get(key) if watch else None, time.time()
+    stamps = tree.stamps_now() if tree else None
+    if tree and tree.trusted:
+        if stamps == tree.stamps:
+            return [functools.partial(bytes, tree.status)]
+        _CLEAN_TREES.pop(key, None)
+        tree = None
     env = git_environment(environ)
-    calls: list[tuple[str, ...]] = [("status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all")]
-    if (str(path), os.getpid()) not in _REPOSITORY_FACTS:
-        calls += [("rev-parse", "--show-toplevel", "--git-path", "index")]
+    calls: list[tuple[str, ...]] = [(*GIT_STATUS, "--ignored=matching") if watch else GIT_STATUS]
+    if facts is None:
+        calls += [("rev-parse", "--show-toplevel", "--git-path", "index", "--absolute-git-dir", "--git-common-dir")]
         calls += [("config", "-z", "--get-regexp", r"^remote\..*\.url$")]  # exit code 1: no remote
     started: list[Callable[[], bytes]] = []
     try:
@@ -1452,6 +1603,9 @@ def start_git_reads(path: Path, *, environ: Mapping[str, str], runner: Runner) -
         with contextlib.suppress(Exception):
             wait_all(started)
         raise
+    if watch and facts is not None:  # the first call learns where git keeps its files
+        settle = functools.partial(_settle_tree, path, key, tree, stamps, asked, facts=facts[0], environ=environ)
+        started[0] = functools.partial(settle, started[0], runner=runner)
     return started
 
 
@@ -1481,7 +1635,7 @@ def collect_git(
         else:
             rev_parse, remotes = _REPOSITORY_FACTS[(str(path), os.getpid())]
         sha, branch, changed, untracked_now = parse_git_status(status_out)
-        top_s, index_s = rev_parse.decode().splitlines()
+        top_s, index_s = rev_parse.decode().splitlines()[:2]
         top, index = Path(top_s), path / index_s
     except (CaptureError, OSError, ValueError) as exc:
         entry["error"] = str(exc)
@@ -1498,9 +1652,9 @@ def collect_git(
     in_vault = _vault_member(config.vault, top)
     listed = [u for u in untracked_now if u not in gone and not in_vault(u)]
     withheld = [u for u in listed if is_secret_file(u, config.secret_files)]
-    untracked, budget, too_large = [], UNTRACKED_TOTAL, {}
-    for u in (u for u in listed if u not in withheld):
-        size = _untracked_size(top / u)
+    untracked, budget, too_large, secret = [], UNTRACKED_TOTAL, {}, set(withheld)
+    for u in (u for u in listed if u not in secret):
+        size = _untracked_size(f"{top}/{u}")
         if size <= min(UNTRACKED_LIMIT, budget):
             untracked.append(u)
             budget -= size
@@ -1612,9 +1766,9 @@ def _sha256(path: Path) -> str | None:
         return None
 
 
-def _untracked_size(path: Path) -> int:
+def _untracked_size(path: str | os.PathLike[str]) -> int:
     try:
-        return path.lstat().st_size
+        return os.lstat(path).st_size
     except OSError:
         return 0
 
@@ -1623,14 +1777,16 @@ def _add_intent(runner: Runner, top: Path, untracked: Sequence[str], *, env: Map
     """git add --intent-to-add of the untracked files that are still there: one deleted since
     git status listed it (another program's temporary file) is no longer part of the tree,
     and git refuses a path that matches nothing. Asked again while files keep vanishing."""
+    present, base = list(untracked), f"{top}/"  # Speed: str paths, looked up only after a refusal
     for attempt in range(3):
-        present = [u for u in untracked if os.path.lexists(top / u)]
         try:
             run_git(runner, top, *GIT_ADD_INTENT, env=env, stdin=b"".join(os.fsencode(u) + b"\0" for u in present))
             return
         except CaptureError:
-            if attempt == 2 or all(os.path.lexists(top / u) for u in present):
+            still = [u for u in present if os.path.lexists(base + u)]
+            if attempt == 2 or len(still) == len(present):
                 raise  # not a vanished file
+            present = still
 
 
 def _write_git_diff(
@@ -2627,7 +2783,7 @@ def capture(
         # nothing to change the tree first: git reads it while the capsule is made; a
         # failure to start is met again, and recorded, by collect_git
         with contextlib.suppress(OSError):
-            reads[name] = start_git_reads(config.root / rel, environ=environ, runner=runner)
+            reads[name] = start_git_reads(config.root / rel, environ=environ, runner=runner, watch=kind == "function")
     try:
         return _capture(
             config, kind=kind, environ=environ, cwd=cwd, runner=runner, manifest=manifest, started=started, reads=reads
@@ -2658,8 +2814,8 @@ def _capture(
     context = capsule.context
     context.update({"capsula_version": __version__, "timestamp": started.isoformat(), "pre_capture_commands": commands})
     try:
-        child_env = {**environ, "CAPSULE_DIR": str(path)}
         for command in config.pre_capture_commands:
+            child_env = {**environ, "CAPSULE_DIR": str(path)}
             record = run_pre_capture_command(command, cwd=config.root, env=child_env, patterns=config.secret_patterns)
             commands.append(record)
             say(f"pre-capture command {command!r} ended with exit code {record['exit_code']}")
@@ -3265,15 +3421,6 @@ def item_paths(capsule: Capsule, items: Sequence[str], env: Mapping[str, str]) -
     return expand_paths(
         [spec for name in items for spec in capsule.config.items[name]], root=capsule.config.root, env=env
     )
-
-
-def _stat_key(path: Path) -> tuple[int, ...] | None:
-    """What changes when a file is written: size, times, inode."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 def capture_items(

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -247,3 +248,109 @@ def test_calls_running_at_once_each_beat_and_end_with_their_own_record(
     for capsule in capsules(repo):
         manifest = load(capsule / "capsule.json")
         assert manifest["status"] == "completed" and manifest["heartbeat_seconds"] == 0.05
+
+
+@pytest.fixture
+def git_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """git as it is, on PATH behind a script that writes down each call."""
+    log, bin_dir = tmp_path / "git-calls.log", tmp_path / "bin"
+    bin_dir.mkdir()
+    spy = bin_dir / "git"
+    spy.write_text(f'#!/bin/sh\necho "$1" >> "{log}"\nexec "{shutil.which("git")}" "$@"\n')
+    spy.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    log.touch()
+    return log
+
+
+def test_later_calls_in_a_clean_tree_run_no_git_and_still_see_every_change(
+    repo: Path, git_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    monkeypatch.setattr(capsula, "RACY", 0.1)  # as the test waits for entries to age
+    (repo / ".gitignore").write_text("vault/\n")
+    (repo / "tools").mkdir()
+    (repo / "tools" / "run.sh").write_text("echo run\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "ignore the vault")
+    (repo / "empty").mkdir()  # git lists no empty directory, but walks it
+    (repo / "scratch").mkdir()
+    (repo / "scratch" / ".gitignore").write_text("*\n")  # ignores itself, as Capsula's cache does
+    (repo / "scratch" / "big.bin").write_text("x")
+    (repo / "debug.log").write_text("log\n")
+    with (repo / ".git" / "info" / "exclude").open("a") as exclude:
+        exclude.write("*.log\n")
+
+    @capsula.monitor(repo)
+    def step() -> None:
+        pass
+
+    def record() -> dict[str, Any]:
+        before = set(capsules(repo)) if (repo / "vault").exists() else set()
+        step()
+        (made,) = set(capsules(repo)) - before
+        return load(made / "context.json")["git"]["project"] | {"capsule": made}
+
+    def settled() -> None:
+        """A clean tree, aged and watched: the next call asks git nothing."""
+        assert record()["dirty"] is False  # the first call makes the vault: the root changes
+        time.sleep(0.15)
+        for _ in range(2):  # one watches the tree, the next finds it unchanged and trusts it
+            assert record()["dirty"] is False
+        calls = git_log.read_text()
+        assert record()["dirty"] is False
+        assert git_log.read_text() == calls, "a call in an unchanged clean tree ran git"
+
+    changes: dict[str, tuple[Callable[[], object], Callable[[dict[str, Any]], bool], Callable[[], object]]] = {
+        "a file in a directory git lists nothing in": (
+            lambda: (repo / "empty" / "new.txt").write_text("new\n"),
+            lambda g: g["untracked"] == ["empty/new.txt"],
+            lambda: (repo / "empty" / "new.txt").unlink(),
+        ),
+        "a new directory with a file": (
+            lambda: ((repo / "a" / "b").mkdir(parents=True), (repo / "a" / "b" / "c.txt").write_text("c")),
+            lambda g: g["untracked"] == ["a/b/c.txt"],
+            lambda: shutil.rmtree(repo / "a"),
+        ),
+        "a tracked file edited": (
+            lambda: (repo / "data.txt").write_text("input data\n"),  # same text, written again
+            lambda g: g["dirty"] is False,
+            lambda: None,
+        ),
+        "a tracked file changed": (
+            lambda: (repo / "data.txt").write_text("other data\n"),
+            lambda g: g["dirty"] is True and "+other data" in (g["capsule"] / "project.diff").read_text(),
+            lambda: git(repo, "checkout", "data.txt"),
+        ),
+        "a tracked file made executable": (
+            lambda: (repo / "tools" / "run.sh").chmod(0o755),
+            lambda g: g["dirty"] is True,
+            lambda: (repo / "tools" / "run.sh").chmod(0o644),
+        ),
+        "an untracked .gitignore that stops ignoring": (
+            lambda: (repo / "scratch" / ".gitignore").write_text(".gitignore\n"),
+            lambda g: g["untracked"] == ["scratch/big.bin"],
+            lambda: (repo / "scratch" / ".gitignore").write_text("*\n"),
+        ),
+        "the repository's exclude file edited": (
+            lambda: (repo / ".git" / "info" / "exclude").write_text("# nothing\n"),
+            lambda g: g["untracked"] == ["debug.log"],
+            lambda: (repo / ".git" / "info" / "exclude").write_text("*.log\n"),
+        ),
+        "a commit": (
+            lambda: ((repo / "data.txt").write_text("v2\n"), git(repo, "commit", "-qam", "v2")),
+            lambda g: g["dirty"] is False and g["sha"] == git(repo, "rev-parse", "HEAD").strip(),
+            lambda: None,
+        ),
+        "another branch": (
+            lambda: git(repo, "checkout", "-qb", "other"),
+            lambda g: g["branch"] == "other",
+            lambda: None,
+        ),
+    }
+    for what, (change, seen, undo) in changes.items():
+        settled()
+        change()
+        assert seen(record()), what
+        undo()
