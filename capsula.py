@@ -240,6 +240,17 @@ def _stat_key(path: str | os.PathLike[str], *, follow: bool = True) -> tuple[int
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode
 
 
+def walk_directories(root: str, *, skip: Callable[[str], bool] = lambda path: False) -> Iterator[str]:
+    """root and each directory below it (not through links) that skip(path) does not refuse,
+    each yielded before it is listed: what its stamp, taken then, covers is what is found in it."""
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        yield directory
+        with os.scandir(directory) as entries:
+            stack += [e.path for e in entries if e.is_dir(follow_symlinks=False) and not skip(e.path)]
+
+
 def user_error_text(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
@@ -348,8 +359,13 @@ def is_secret_name(name: str, patterns: Sequence[str]) -> bool:
 def is_secret_file(path: str, patterns: Sequence[str]) -> bool:
     """Whether a file is withheld from diffs: its name (or, for a pattern with a ``/``, its
     path) matches a pattern of ``[redact] files``, case aside."""
+    return secret_file_test(patterns)(path)
+
+
+def secret_file_test(patterns: Sequence[str]) -> Callable[[str], bool]:
+    """is_secret_file for one set of patterns, made once for a tree's many files."""
     by_name, by_path = _secret_file_matchers(tuple(patterns))
-    return bool(by_name(path.rsplit("/", 1)[-1]) or by_path(path))
+    return lambda path: bool(by_name(path.rpartition("/")[2]) or by_path(path))
 
 
 @functools.cache
@@ -1548,18 +1564,14 @@ def watch_tree(
 
     def walk(root: str, ignored: set[str]) -> None:
         """Watch root and each directory below it but .git and the ignored (relative to
-        root), each before it is listed: an entry added after the listing changes it."""
-        stack = [root]
-        while stack and len(paths) <= WATCH_LIMIT:
-            directory = stack.pop()
+        root), each before it is listed, and the .gitignore files in them."""
+        skip = lambda path: path.endswith("/.git") or path[len(root) + 1 :] in ignored  # noqa: E731
+        for directory in walk_directories(root, skip=skip):
             watch(directory)
-            with os.scandir(directory) as entries:
-                for e in entries:
-                    if e.is_dir(follow_symlinks=False):
-                        if e.name != ".git" and e.path[len(root) + 1 :] not in ignored:
-                            stack.append(e.path)
-                    elif e.name == ".gitignore":
-                        watch(e.path)
+            if os.path.lexists(ignore := os.path.join(directory, ".gitignore")):
+                watch(ignore)
+            if len(paths) > WATCH_LIMIT:
+                return
 
     for f in dict.fromkeys([Path(git_dir), common, common / "info", common / "reftable", *files]):
         watch(f)
@@ -1618,16 +1630,18 @@ def collect_git(
     environ: Mapping[str, str],
     runner: Runner = start_process,
     reads: list[Callable[[], bytes]] | None = None,
+    since: float | None = None,
 ) -> GitRecord:
     """The state of one repository, and every uncommitted change as a patch in
     ``<into>/<name>.diff``: staged and unstaged changes, binary files, and untracked files
     that are not ignored (each up to UNTRACKED_LIMIT), so that ``git apply --binary`` on a
     clean checkout of ``sha`` recreates the working tree. The user's index is not touched:
     untracked files are added with --intent-to-add to a copy of it. reads: start_git_reads(),
-    when the capture started them before it made the capsule."""
+    when the capture started them before it made the capsule, at the time since."""
     root, diff_path = config.root, into / f"{name}.diff"
     path = root / rel
     entry: GitRecord = {"path": rel, "sha": None, "branch": None, "remotes": []}
+    since = since if reads else time.time()
     try:
         status_out, *facts = wait_all(reads or start_git_reads(path, environ=environ, runner=runner))
         if facts:
@@ -1651,7 +1665,7 @@ def collect_git(
     gone = {os.path.relpath(os.path.normpath(root / path), top) for path in left_out}
     in_vault = _vault_member(config.vault, top)
     listed = [u for u in untracked_now if u not in gone and not in_vault(u)]
-    withheld = [u for u in listed if is_secret_file(u, config.secret_files)]
+    withheld = list(filter(secret_file_test(config.secret_files), listed))
     untracked, budget, too_large, secret = [], UNTRACKED_TOTAL, {}, set(withheld)
     for u in (u for u in listed if u not in secret):
         size = _untracked_size(f"{top}/{u}")
@@ -1667,10 +1681,17 @@ def collect_git(
         entry["withheld"] = {u: {"size": _untracked_size(top / u), "sha256": _sha256(top / u)} for u in withheld}
     entry["untracked_not_in_diff"] = sorted(set(listed) - set(untracked))
     entry["dirty"] = bool(changed or listed)
+    keep_out = [*withheld, *too_large, *gone]
+    if is_inside(config.vault, top):
+        keep_out.append(os.path.relpath(config.vault, top))
+    elif is_inside(top, config.vault):  # a tree in the vault: every file by name
+        since = None
     try:
         if entry["dirty"]:  # a clean tree has nothing to diff: no git call, no file
             entry["diff_file"] = diff_path.name
-            _write_git_diff(runner, top, index, diff_path, base=sha or EMPTY_TREE, untracked=untracked, environ=environ)
+            whole = _whole_directories(str(top), untracked, keep_out, since) if since else None
+            base = sha or EMPTY_TREE
+            _write_git_diff(runner, top, index, diff_path, base=base, untracked=untracked, whole=whole, environ=environ)
     except (CaptureError, OSError) as exc:
         entry["error"] = f"cannot write {diff_path.name}: {exc}"
     if sha and (config.keep_commits or config.git_bundle):
@@ -1773,6 +1794,60 @@ def _untracked_size(path: str | os.PathLike[str]) -> int:
         return 0
 
 
+WHOLE_LIMIT = 1000  # directories under one that git add takes whole: a larger tree is taken file by file
+TICK = 0.05  # s: how far a file system's clock may lag time.time() (a coarse tick, a little skew)
+
+
+def _whole_directories(
+    top: str, untracked: Sequence[str], keep_out: Iterable[str], since: float
+) -> tuple[list[str], list[tuple[str, tuple[int, ...] | None]]]:
+    """git add's paths for the untracked files: in place of the files under a directory, the
+    topmost directory that holds none of keep_out (files left out, the vault), and stamps of
+    every directory under those. Speed: git matches each path against each path given, so
+    1,000 files cost it twice what one directory does, and 10,000 a hundred times.
+
+    A directory is given whole only when none under it has changed since ``since`` (before
+    git status listed the files): git then adds what status listed. The caller checks the
+    stamps again after git add and, if one changed, adds the files one by one instead."""
+    blocked: set[str] = set()
+    for path in keep_out:
+        parts = path.split("/")
+        blocked.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    groups: dict[str, list[str]] = {}
+    for u in untracked:
+        head = u.partition("/")[0]
+        if head in blocked or head == u or u.endswith("/"):  # deeper; a file at the top; a nested repository
+            parts = u.split("/")
+            heads = ("/".join(parts[:i]) for i in range(2, len(parts)) if not u.endswith("/"))
+            head = next((h for h in heads if h not in blocked), u)
+        groups.setdefault(head, []).append(u)
+    specs: list[str] = []
+    stamps: list[tuple[str, tuple[int, ...] | None]] = []
+    for head, files in groups.items():
+        found = _quiet_directories(f"{top}/{head}", since) if files != [head] else None
+        if found:
+            specs.append(head)
+            stamps += found
+        else:
+            specs += files
+    return specs, stamps
+
+
+def _quiet_directories(root: str, since: float) -> list[tuple[str, tuple[int, ...] | None]] | None:
+    """Each directory under root with its stamp; None if one has changed since ``since``, or
+    there are more than WHOLE_LIMIT."""
+    found: list[tuple[str, tuple[int, ...] | None]] = []
+    try:
+        for directory in walk_directories(root):
+            stamp = _stat_key(directory, follow=False)
+            if stamp is None or max(stamp[1], stamp[2]) >= (since - TICK) * 1e9 or len(found) >= WHOLE_LIMIT:
+                return None
+            found.append((directory, stamp))
+    except OSError:
+        return None
+    return found
+
+
 def _add_intent(runner: Runner, top: Path, untracked: Sequence[str], *, env: Mapping[str, str]) -> None:
     """git add --intent-to-add of the untracked files that are still there: one deleted since
     git status listed it (another program's temporary file) is no longer part of the tree,
@@ -1797,18 +1872,26 @@ def _write_git_diff(
     *,
     base: str,
     untracked: list[str],
+    whole: tuple[list[str], list[tuple[str, tuple[int, ...] | None]]] | None = None,
     environ: Mapping[str, str],
 ) -> None:
+    """The diff of the working tree against base, with the untracked files given; whole:
+    _whole_directories() of them, tried first."""
     tmp_index, tmp_diff = (
         diff_path.with_name(f".{diff_path.name}.index"),
         diff_path.with_name(f".{diff_path.name}.part"),
     )
+    specs, stamps = whole or (untracked, [])
     env = git_environment(environ, index=tmp_index if untracked else None)
     try:
-        if untracked:
+        for attempt in [specs, untracked] if untracked else []:  # directories whole, else file by file
+            with contextlib.suppress(FileNotFoundError):
+                tmp_index.unlink()
             if index.exists():
                 copy_and_hash(index, tmp_index, None)
-            _add_intent(runner, top, untracked, env=env)
+            _add_intent(runner, top, attempt, env=env)
+            if all(_stat_key(d, follow=False) == stamp for d, stamp in stamps):
+                break  # no directory added whole has changed since before status listed its files
         run_git(runner, top, *GIT_DIFF, f"--output={tmp_diff}", base, env=env)  # git writes it: no copy in memory
         os.replace(tmp_diff, diff_path)
     finally:
@@ -2429,15 +2512,12 @@ LOCK_FILES = ("uv.lock", "poetry.lock", "pdm.lock", "Pipfile.lock", "pixi.lock",
 
 def collect_lock_files(root: Path) -> dict[str, JSON]:
     """The hashes of the lock and requirement files at the root (no configuration needed)."""
-    import hashlib
-
     found: dict[str, JSON] = {}
     with contextlib.suppress(OSError):
         names = sorted(n for n in os.listdir(root) if n in LOCK_FILES or re.fullmatch(r"requirements.*\.txt", n))
         for name in names:
             with contextlib.suppress(OSError):
-                with open(root / name, "rb") as f:
-                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+                digest = hash_file(root / name, "sha256")  # hashlib loads OpenSSL (2-4 ms): only for a file
                 found[name] = {"hash_algorithm": "sha256", "file_hash": digest, "size": (root / name).stat().st_size}
     return found
 
@@ -2448,7 +2528,6 @@ def collect_lock_files(root: Path) -> dict[str, JSON]:
 def expand_paths(specs: Sequence[FileSpec], *, root: Path, env: Mapping[str, str]) -> list[tuple[FileSpec, str]]:
     """Each listed file with its path's ``${VAR}`` taken from the run's environment
     (``results/out_${SLURM_ARRAY_TASK_ID}.txt``), and a glob expanded to what it matches."""
-    import glob
 
     def variable(match: re.Match[str]) -> str:
         return env.get(match[1] or match[2], match[0])
@@ -2457,6 +2536,8 @@ def expand_paths(specs: Sequence[FileSpec], *, root: Path, env: Mapping[str, str
     for spec in specs:
         path = re.sub(r"\$\{(\w+)\}|\$(\w+)", variable, spec.path) if "$" in spec.path else spec.path
         if any(c in path for c in "*?["):
+            import glob
+
             matches = sorted(glob.glob(path, root_dir=root, recursive=True))
             found += [(spec, m) for m in matches] or [(spec, path)]
         else:
@@ -2655,17 +2736,21 @@ def collect_context(
     runner: Runner = start_process,
     in_place: bool = False,
     reads: dict[str, list[Callable[[], bytes]]] | None = None,
+    since: float | None = None,
 ) -> ContextRecord:
     """Everything context.json holds but what the capture adds, with independent
     collectors running concurrently. With in_place (verify), listed files are only
     hashed, never copied or moved; the files stored so far are in capsule.context.
-    reads: git's, by repository, when the capture started them early (each is taken)."""
+    reads: git's, by repository, when the capture started them early (each is taken), at
+    the time since."""
     config, reads = capsule.config, {} if reads is None else reads
     repos = repositories(config)
     stamp = _cpuinfo_stamp() if config.include_cpu else None
     cache = HostCache(cache_directory(config.root, environ), stamp)
-    thread = len(repos) + config.include_cpu + config.include_packages > 1  # else nothing to overlap
-    git = functools.partial(collect_git, config=config, into=capsule.path, environ=environ, runner=runner)
+    # Threads overlap what waits on git and the disk with the rest; a decorated function's
+    # calls, in a tree that stays clean, leave git nothing to do, and pay no thread for it.
+    thread = len(repos) + config.include_cpu + config.include_packages > 1
+    git = functools.partial(collect_git, config=config, into=capsule.path, environ=environ, runner=runner, since=since)
     pending = {
         name: _collector(functools.partial(git, name, rel, reads=reads.pop(name, None)), thread=thread)
         for name, rel in repos
@@ -2825,7 +2910,7 @@ def _capture(
                     f"pre-capture command {command!r} failed with exit code {record['exit_code']}: {stderr}; "
                     f"fix it and run again (what was captured is in {path})"
                 )
-        collect_context(capsule, environ, cwd=cwd, runner=runner, reads=reads)
+        collect_context(capsule, environ, cwd=cwd, runner=runner, reads=reads, since=started.timestamp())
         error = file_errors(context.get("files", {}))
         capsule.missing = missing_from(context)
     except BaseException as exc:

@@ -501,6 +501,47 @@ def test_an_untracked_file_deleted_while_git_reads_the_tree_does_not_spoil_the_r
     assert "notes.txt" in diff and "short-lived" not in diff
 
 
+@pytest.mark.parametrize("when", ["after status", "while git adds"])
+def test_a_file_made_after_git_status_listed_a_directory_never_enters_the_diff(
+    repo: Path, when: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory of untracked files is handed to git whole (faster than file by file), but
+    never a file made after git status listed it: the diff holds what the record lists, and
+    a secret made there in that moment stays out."""
+    import time
+
+    (repo / ".gitignore").write_text("vault/\n")
+    for i in range(5):
+        (repo / "results" / "run").mkdir(parents=True, exist_ok=True)
+        (repo / "results" / "run" / f"r{i}.txt").write_text(f"row {i}\n")
+    time.sleep(2 * capsula.TICK)  # older than the capture: a directory is given whole only then
+
+    def runner(args: list[str], **options: Any) -> Any:
+        finish = capsula.start_process(args, **options)
+        if args[1] == "add" and when == "while git adds":
+            (repo / "results" / "run" / ".env").write_text("TOKEN=s3cret\n")
+        if args[1] != "status" or when != "after status":
+            return finish
+
+        def wait() -> Any:
+            done = finish()
+            (repo / "results" / ".env").write_text("TOKEN=s3cret\n")
+            return done
+
+        return wait
+
+    monkeypatch.chdir(repo)
+    capsule = capsula.capture(capsula.load_config(repo), runner=runner)
+    entry = load(capsule.path / "context.json")["git"]["project"]
+    patch = (capsule.path / "project.diff").read_text()
+    assert entry["untracked"] == [".gitignore", *(f"results/run/r{i}.txt" for i in range(5))]
+    assert all(f"+row {i}" in patch for i in range(5)) and "s3cret" not in patch and ".env" not in patch
+    clean = repo.parent / "clean"
+    git(repo.parent, "clone", "-q", str(repo), str(clean))
+    git(clean, "apply", "--binary", str(capsule.path / "project.diff"))
+    assert (clean / "results" / "run" / "r4.txt").read_text() == "row 4\n" and not list(clean.rglob(".env"))
+
+
 def test_the_cache_folder_appears_already_ignoring_itself(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CAPSULA_CACHE_DIR")
     cache = capsula.cache_directory(repo, {})
