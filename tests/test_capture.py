@@ -166,6 +166,17 @@ def test_hash_algorithms(repo: Path, name: str, hashlib_name: str) -> None:
     assert entry["hash_algorithm"] == hashlib_name
 
 
+@pytest.mark.parametrize("size", [0, 1, capsula.SMALL_FILE - 1, capsula.SMALL_FILE, 3 * capsula.SMALL_FILE + 7])
+def test_a_hash_is_the_same_whichever_implementation_makes_it(repo: Path, size: int) -> None:
+    """Small files are hashed without loading OpenSSL, large ones with it: one digest."""
+    (repo / "data.bin").write_bytes(os.urandom(size))
+    write_config(repo, '[capture.files]\n"data.bin" = { copy = true }\n"data.txt" = { hash = "sha256" }\n')
+    files = load(capture(repo) / "context.json")["files"]
+    for name in ("data.bin", "data.txt"):
+        assert files[name]["file_hash"] == hashlib.sha256((repo / name).read_bytes()).hexdigest()
+    assert capsula.hash_file(repo / "data.bin", "sha256") == files["data.bin"]["file_hash"]
+
+
 def test_same_base_names_both_survive_with_their_relative_paths(repo: Path) -> None:
     for d in ("a", "b"):
         (repo / d).mkdir()
