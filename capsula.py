@@ -310,9 +310,8 @@ def new_hash(algorithm: str, size: int) -> Any:
     SHA-256 is about 3x faster); a small one gets the interpreter's own SHA-256, the one
     hashlib itself falls back to. The same digest either way."""
     if algorithm == "sha256" and size < SMALL_FILE:
-        for module in ("_sha2", "_sha256"):  # its name since Python 3.12, and before
-            with contextlib.suppress(ImportError):
-                return __import__(module).sha256()
+        with contextlib.suppress(ImportError):  # its name since Python 3.12, and before
+            return __import__("_sha2" if sys.version_info >= (3, 12) else "_sha256").sha256()
     import hashlib
 
     return hashlib.new(algorithm)
