@@ -263,10 +263,12 @@ def write_bytes_atomic(path: Path, data: bytes, *, room: Path | None = None) -> 
     tmp = room or path.with_name(f".{path.name}.{os.getpid()}.{_thread.get_ident()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY if room else os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
-        with open(fd, "wb") as f:
-            f.write(data)
+        try:
+            _write_all(fd, data)
             if room:
-                f.truncate()  # the room left over is free again
+                os.ftruncate(fd, len(data))  # the room left over is free again
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as exc:  # a signal mid-write too: never leave the temporary file
         with contextlib.suppress(OSError):
