@@ -1695,32 +1695,48 @@ def collect_git(
     in_vault = _vault_member(config.vault, top)
     listed = [u for u in untracked_now if u not in gone and not in_vault(u)]
     withheld = list(filter(secret_file_test(config.secret_files), listed))
-    untracked, budget, too_large, secret = [], UNTRACKED_TOTAL, {}, set(withheld)
-    for u in (u for u in listed if u not in secret):
-        size = _untracked_size(f"{top}/{u}")
-        if size <= min(UNTRACKED_LIMIT, budget):
-            untracked.append(u)
-            budget -= size
-        else:  # over the limit for one file, or for all: its size and hash, not its content
-            too_large[u] = {"size": size, "sha256": _sha256(top / u)}
-    entry["untracked"] = listed
-    if too_large:
-        entry["too_large"] = cast("dict[str, dict[str, JSON]]", too_large)
-    if withheld:  # listed with size and hash, never their content
-        entry["withheld"] = {u: {"size": _untracked_size(top / u), "sha256": _sha256(top / u)} for u in withheld}
-    entry["untracked_not_in_diff"] = sorted(set(listed) - set(untracked))
-    entry["dirty"] = bool(changed or listed)
-    keep_out = [*withheld, *too_large, *gone]
+    secret, keep_out = set(withheld), [*withheld, *gone]
     if is_inside(config.vault, top):
         keep_out.append(os.path.relpath(config.vault, top))
     elif is_inside(top, config.vault):  # a tree in the vault: every file by name
         since = None
+    candidates = [u for u in listed if u not in secret]
+    whole = _whole_directories(str(top), candidates, keep_out, since) if since and candidates else None
+    # Speed: git adds the files while they are sized; if one is too large, it is done again
+    adding = _start_adding(runner, top, index, diff_path, whole[0], environ=environ) if whole else None
+    try:
+        untracked, too_large = _within_budget(top, candidates)
+    except BaseException:  # a signal: no git left running, no copy of the index left behind
+        with contextlib.suppress(Exception):
+            wait_all([adding] if adding else [])
+        _diff_index(diff_path).unlink(missing_ok=True)
+        raise
+    if too_large and whole and since:
+        with contextlib.suppress(CaptureError):
+            wait_all([adding] if adding else [])
+        adding, whole = None, _whole_directories(str(top), untracked, keep_out + list(too_large), since)
+    entry["untracked"] = listed
+    if too_large:
+        entry["too_large"] = too_large
+    if withheld:  # listed with size and hash, never their content
+        entry["withheld"] = {u: {"size": _untracked_size(top / u), "sha256": _sha256(top / u)} for u in withheld}
+    entry["untracked_not_in_diff"] = sorted(set(listed) - set(untracked))
+    entry["dirty"] = bool(changed or listed)
     try:
         if entry["dirty"]:  # a clean tree has nothing to diff: no git call, no file
             entry["diff_file"] = diff_path.name
-            whole = _whole_directories(str(top), untracked, keep_out, since) if since else None
             base = sha or EMPTY_TREE
-            _write_git_diff(runner, top, index, diff_path, base=base, untracked=untracked, whole=whole, environ=environ)
+            _write_git_diff(
+                runner,
+                top,
+                index,
+                diff_path,
+                base=base,
+                untracked=untracked,
+                whole=whole,
+                adding=adding,
+                environ=environ,
+            )
     except (CaptureError, OSError) as exc:
         entry["error"] = f"cannot write {diff_path.name}: {exc}"
     if sha and (config.keep_commits or config.git_bundle):
@@ -1877,6 +1893,43 @@ def _quiet_directories(root: str, since: float) -> list[tuple[str, tuple[int, ..
     return found
 
 
+def _within_budget(top: Path, untracked: Sequence[str]) -> tuple[list[str], dict[str, dict[str, JSON]]]:
+    """The untracked files a diff takes, in order, and those it cannot (over UNTRACKED_LIMIT,
+    or beyond UNTRACKED_TOTAL for all) with their size and hash."""
+    taken, budget, too_large = [], UNTRACKED_TOTAL, {}
+    for u in untracked:
+        size = _untracked_size(f"{top}/{u}")  # Speed: a str path, no Path per file
+        if size <= min(UNTRACKED_LIMIT, budget):
+            taken.append(u)
+            budget -= size
+        else:
+            too_large[u] = {"size": size, "sha256": cast("JSON", _sha256(top / u))}
+    return taken, too_large
+
+
+def _diff_index(diff_path: Path) -> Path:
+    """The copy of git's index that a diff's untracked files are added to."""
+    return diff_path.with_name(f".{diff_path.name}.index")
+
+
+def _fresh_index(index: Path, copy: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        copy.unlink()
+    if index.exists():  # none yet in a repository without a commit
+        copy_and_hash(index, copy, None)
+
+
+def _start_adding(
+    runner: Runner, top: Path, index: Path, diff_path: Path, paths: Sequence[str], *, environ: Mapping[str, str]
+) -> Callable[[], bytes]:
+    """git add --intent-to-add of paths to a fresh copy of the index, started now; the
+    returned callable waits for it (_write_git_diff takes it)."""
+    copy = _diff_index(diff_path)
+    _fresh_index(index, copy)
+    stdin = b"".join(os.fsencode(p) + b"\0" for p in paths)
+    return git_start(runner, top, *GIT_ADD_INTENT, env=git_environment(environ, index=copy), stdin=stdin)
+
+
 def _add_intent(runner: Runner, top: Path, untracked: Sequence[str], *, env: Mapping[str, str]) -> None:
     """git add --intent-to-add of the untracked files that are still there: one deleted since
     git status listed it (another program's temporary file) is no longer part of the tree,
@@ -1902,28 +1955,32 @@ def _write_git_diff(
     base: str,
     untracked: list[str],
     whole: tuple[list[str], list[tuple[str, tuple[int, ...] | None]]] | None = None,
+    adding: Callable[[], bytes] | None = None,
     environ: Mapping[str, str],
 ) -> None:
     """The diff of the working tree against base, with the untracked files given; whole:
-    _whole_directories() of them, tried first."""
-    tmp_index, tmp_diff = (
-        diff_path.with_name(f".{diff_path.name}.index"),
-        diff_path.with_name(f".{diff_path.name}.part"),
-    )
+    _whole_directories() of them, tried first; adding: _start_adding() of whole's paths."""
+    tmp_index, tmp_diff = _diff_index(diff_path), diff_path.with_name(f".{diff_path.name}.part")
     specs, stamps = whole or (untracked, [])
     env = git_environment(environ, index=tmp_index if untracked else None)
     try:
         for attempt in [specs, untracked] if untracked else []:  # directories whole, else file by file
-            with contextlib.suppress(FileNotFoundError):
-                tmp_index.unlink()
-            if index.exists():
-                copy_and_hash(index, tmp_index, None)
-            _add_intent(runner, top, attempt, env=env)
+            started, adding = adding, None
+            try:
+                if started is None:
+                    raise CaptureError("not started")
+                started()
+            except CaptureError:  # not started, or refused (a file vanished): added here, asked again
+                _fresh_index(index, tmp_index)
+                _add_intent(runner, top, attempt, env=env)
             if all(_stat_key(d, follow=False) == stamp for d, stamp in stamps):
                 break  # no directory added whole has changed since before status listed its files
         run_git(runner, top, *GIT_DIFF, f"--output={tmp_diff}", base, env=env)  # git writes it: no copy in memory
         os.replace(tmp_diff, diff_path)
     finally:
+        if adding is not None:  # started, never waited for: reaped
+            with contextlib.suppress(Exception):
+                adding()
         for path in (tmp_index, tmp_diff):
             with contextlib.suppress(OSError):
                 path.unlink()

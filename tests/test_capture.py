@@ -145,14 +145,27 @@ def test_diff_holds_every_uncommitted_change_and_applies_on_a_clean_checkout(rep
     assert not (clone / "ignored.txt").exists()
 
 
-def test_large_untracked_files_are_listed_but_not_diffed(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("where", ["", "out/run/"])
+def test_large_untracked_files_are_listed_but_not_diffed(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Also in a folder whose other files git adds whole, which git has begun to add while
+    the files were sized: it is added again without the large one."""
+    import time
+
     monkeypatch.setattr(capsula, "UNTRACKED_LIMIT", 10)
     monkeypatch.chdir(repo)
-    (repo / "big.bin").write_bytes(b"x" * 100)
+    (repo / ".gitignore").write_text("vault/\n")
+    (repo / where or ".").mkdir(parents=True, exist_ok=True)
+    (repo / f"{where}big.bin").write_bytes(b"x" * 100)
+    (repo / f"{where}small.txt").write_text("small\n")
+    time.sleep(2 * capsula.TICK)
     capsule = capsula.capture(capsula.load_config())
     entry = capsule.context["git"]["project"]
-    assert entry["untracked_not_in_diff"] == ["big.bin"] and "big.bin" in entry["untracked"]
-    assert b"big.bin" not in (capsule.path / "project.diff").read_bytes()
+    assert entry["untracked_not_in_diff"] == [f"{where}big.bin"] and f"{where}big.bin" in entry["untracked"]
+    patch = (capsule.path / "project.diff").read_bytes()
+    assert b"big.bin" not in patch and f"b/{where}small.txt".encode() in patch
+    assert not list(capsule.path.glob(".*"))  # no copy of the index left
 
 
 @pytest.mark.parametrize(
