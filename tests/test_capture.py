@@ -156,7 +156,7 @@ def test_large_untracked_files_are_listed_but_not_diffed(
     monkeypatch.setattr(capsula, "UNTRACKED_LIMIT", 10)
     monkeypatch.chdir(repo)
     (repo / ".gitignore").write_text("vault/\n")
-    (repo / where or ".").mkdir(parents=True, exist_ok=True)
+    (repo / where).mkdir(parents=True, exist_ok=True)
     (repo / f"{where}big.bin").write_bytes(b"x" * 100)
     (repo / f"{where}small.txt").write_text("small\n")
     time.sleep(2 * capsula.TICK)

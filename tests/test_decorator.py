@@ -290,7 +290,8 @@ def test_later_calls_in_a_clean_tree_run_no_git_and_still_see_every_change(
         before = set(capsules(repo)) if (repo / "vault").exists() else set()
         step()
         (made,) = set(capsules(repo)) - before
-        return load(made / "context.json")["git"]["project"] | {"capsule": made}
+        entry: dict[str, Any] = load(made / "context.json")["git"]["project"]
+        return entry | {"capsule": made}
 
     def settled() -> None:
         """A clean tree, aged and watched: the next call asks git nothing."""
@@ -302,6 +303,10 @@ def test_later_calls_in_a_clean_tree_run_no_git_and_still_see_every_change(
         assert record()["dirty"] is False
         assert git_log.read_text() == calls, "a call in an unchanged clean tree ran git"
 
+    def make_nested() -> None:
+        (repo / "a" / "b").mkdir(parents=True)
+        (repo / "a" / "b" / "c.txt").write_text("c")
+
     changes: dict[str, tuple[Callable[[], object], Callable[[dict[str, Any]], bool], Callable[[], object]]] = {
         "a file in a directory git lists nothing in": (
             lambda: (repo / "empty" / "new.txt").write_text("new\n"),
@@ -309,7 +314,7 @@ def test_later_calls_in_a_clean_tree_run_no_git_and_still_see_every_change(
             lambda: (repo / "empty" / "new.txt").unlink(),
         ),
         "a new directory with a file": (
-            lambda: ((repo / "a" / "b").mkdir(parents=True), (repo / "a" / "b" / "c.txt").write_text("c")),
+            make_nested,
             lambda g: g["untracked"] == ["a/b/c.txt"],
             lambda: shutil.rmtree(repo / "a"),
         ),
