@@ -1703,7 +1703,9 @@ def collect_git(
     candidates = [u for u in listed if u not in secret]
     whole = _whole_directories(str(top), candidates, keep_out, since) if since and candidates else None
     # Speed: git adds the files while they are sized; if one is too large, it is done again
-    adding = _start_adding(runner, top, index, diff_path, whole[0], environ=environ) if whole else None
+    adding = None
+    with contextlib.suppress(CaptureError, OSError):  # a full disk, say: met again, and recorded, below
+        adding = _start_adding(runner, top, index, diff_path, whole[0], environ=environ) if whole else None
     try:
         untracked, too_large = _within_budget(top, candidates)
     except BaseException:  # a signal: no git left running, no copy of the index left behind

@@ -316,6 +316,28 @@ def test_json_writes_leave_no_partial_file(tmp_path: Path, monkeypatch: pytest.M
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
 
 
+def test_a_full_disk_while_git_adds_untracked_files_keeps_the_rest_of_the_git_record(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (repo / "results").mkdir()
+    (repo / "results" / "a.txt").write_text("a\n")
+    copy = capsula.copy_and_hash
+
+    def full_for_the_index(src: Path, dest: Path, algorithm: str | None) -> str | None:
+        if dest.name.endswith(".index"):
+            raise OSError(28, "No space left on device")
+        return copy(src, dest, algorithm)
+
+    monkeypatch.setattr(capsula, "copy_and_hash", full_for_the_index)
+    monkeypatch.chdir(repo)
+    capsule = capsula.capture(capsula.load_config()).path
+    assert load(capsule / "capsule.json")["status"] == "incomplete"
+    entry = load(capsule / "context.json")["git"]["project"]
+    assert entry["sha"] == git(repo, "rev-parse", "HEAD").strip() and entry["untracked"] == ["results/a.txt"]
+    assert "No space left on device" in entry["error"] and entry["error"].startswith("cannot write project.diff")
+    assert sorted(p.name for p in capsule.iterdir() if p.name.startswith(".")) == []
+
+
 def fake_distribution(site: Path, name: str, version: str, *, url: str | None = None) -> None:
     info = site / f"{name.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True)
