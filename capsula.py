@@ -1694,7 +1694,7 @@ def collect_git(
     gone = {os.path.relpath(os.path.normpath(root / path), top) for path in left_out}
     in_vault = _vault_member(config.vault, top)
     listed = [u for u in untracked_now if u not in gone and not in_vault(u)]
-    withheld = list(filter(secret_file_test(config.secret_files), listed))
+    withheld = list(filter(secret_file_test(config.secret_files), listed)) if listed else []  # Speed: 1 ms to build
     secret, keep_out = set(withheld), [*withheld, *gone]
     if is_inside(config.vault, top):
         keep_out.append(os.path.relpath(config.vault, top))
