@@ -327,9 +327,10 @@ def copy_and_hash(src: Path, dest: Path, algorithm: str | None) -> str | None:
     digest = None
     try:
         with open(src, "rb") as fin, open(tmp, "xb") as fout:
+            size = os.fstat(fin.fileno()).st_size
             if algorithm:  # a plain copy (git's index) makes no hash
-                digest = new_hash(algorithm, os.fstat(fin.fileno()).st_size)
-            buf = bytearray(COPY_CHUNK)
+                digest = new_hash(algorithm, size)
+            buf = bytearray(min(size + 1, COPY_CHUNK))  # Speed: a small file, a small buffer
             view = memoryview(buf)
             while n := fin.readinto(buf):
                 if digest:
@@ -1073,8 +1074,10 @@ def hostname() -> str:
     return os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
 
 
+@functools.cache
 def read_boot_id() -> str | None:
-    """An id that changes at every boot (Linux); None where there is none."""
+    """An id that changes at every boot (Linux); None where there is none. Read once per
+    process: it cannot change while the process lives."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
