@@ -3546,13 +3546,16 @@ class Heartbeats:
 
         self.wake = threading.Condition()
         self.running: dict[int, tuple[Capsule, float, float]] = {}  # id: capsule, interval, next beat
+        self.waking_at = 0.0  # when the thread wakes by itself
         threading.Thread(target=self._beat, name="capsula-heartbeat", daemon=True).start()
 
     def _beat(self) -> None:
         with self.wake:
             while True:
-                due = min((next_beat for *_, next_beat in self.running.values()), default=None)
-                self.wake.wait(None if due is None else max(due - time.monotonic(), 0))
+                # Idle, it still wakes every interval: a call that starts then need not wake it
+                idle = time.monotonic() + heartbeat_interval()
+                self.waking_at = min((next_beat for *_, next_beat in self.running.values()), default=idle)
+                self.wake.wait(max(self.waking_at - time.monotonic(), 0))
                 for key, (capsule, every, next_beat) in list(self.running.items()):
                     if next_beat <= time.monotonic():
                         with contextlib.suppress(CapsulaError):
@@ -3564,8 +3567,10 @@ class Heartbeats:
         """Beat for capsule while the block runs, from its first_beat() on."""
         every = capsule.manifest.get("heartbeat_seconds") or heartbeat_interval()
         with self.wake:
-            self.running[id(capsule)] = (capsule, every, time.monotonic() + every)
-            self.wake.notify()
+            first = time.monotonic() + every
+            self.running[id(capsule)] = (capsule, every, first)
+            if first < self.waking_at:  # Speed: else the thread, awake by then, finds it (a wake: 0.06 ms)
+                self.wake.notify()
         try:
             yield
         finally:
