@@ -81,8 +81,11 @@ def make_project(root: Path) -> Path:
     return root
 
 
-def peak_rss_while_running(cmd: Sequence[str], *, cwd: Path, stdout_path: Path) -> tuple[float, int]:
-    """Wall time, and the peak RSS (VmHWM) of that one process (not its children)."""
+def peak_rss_while_running(
+    cmd: Sequence[str], *, cwd: Path, stdout_path: Path, every: float = 0.02
+) -> tuple[float, int]:
+    """Wall time, and the peak RSS (VmHWM, read every ``every`` seconds) of that one process
+    (not its children)."""
     peak = 0
     with open(stdout_path, "wb") as out:
         start = time.perf_counter()
@@ -97,7 +100,7 @@ def peak_rss_while_running(cmd: Sequence[str], *, cwd: Path, stdout_path: Path) 
                             peak = max(peak, int(line.split()[1]) * 1024)
                 except OSError:
                     return
-                time.sleep(0.02)
+                time.sleep(every)
 
         sampler = threading.Thread(target=sample)
         sampler.start()
@@ -270,10 +273,11 @@ def bench_decorator(report: Report, project: Path, calls: int) -> None:
 
 
 def fill_vault(vault: Path, count: int) -> None:
-    """Copy the vault's one capsule until it holds ``count``, each copy a capsule of its own."""
-    (seed,) = [p for p in vault.iterdir() if not p.name.startswith(".")]
+    """Copy the vault's first capsule until it holds ``count``, each copy a capsule of its own."""
+    held = [p for p in vault.iterdir() if not p.name.startswith(".")]
+    seed = min(held)  # the real one: each copy's name is the seed's and a suffix
     files = {p.name: p.read_bytes() for p in seed.iterdir() if p.is_file()}
-    for i in range(count - 1):
+    for i in range(len(held) - 1, count - 1):
         copy = vault / f"{seed.name}_{i:06d}"
         copy.mkdir()
         for name, data in files.items():
@@ -289,10 +293,18 @@ def bench_vault(report: Report, workdir: Path, count: int, runs: int) -> None:
         (project / "capsula.toml").read_text() + '\n[monitor.item.bench.files]\n"out.txt" = {}\n'
     )
     subprocess.run([*CAPSULA, "monitor", "-q", "-i", "bench", "true"], cwd=project, env=env(), check=True)
-    fill_vault(project / "vault", count)
-    os.sync()  # a vault is read long after it was written: the copies' write-back is not timed
     out = workdir / "vault-out.txt"  # peak RSS by VmHWM: a forked child's ru_maxrss counts its parent's
-    first, _ = peak_rss_while_running([*CAPSULA, "list"], cwd=project, stdout_path=out)
+    unrecorded = workdir / "unrecorded.txt"  # find prints nothing for it, and show latest one capsule
+    unrecorded.write_text("no capsule recorded this\n")
+    quiet = (["show", "latest"], ["find", str(unrecorded)])
+    peaks: dict[int, list[int]] = {}
+    for size in (count // 100, count):
+        fill_vault(project / "vault", size)
+        os.sync()  # a vault is read long after it was written: the copies' write-back is not timed
+        first, _ = peak_rss_while_running([*CAPSULA, "list"], cwd=project, stdout_path=out)
+        peaks[size] = [  # read often: a run over a small vault lasts a few hundredths of a second
+            peak_rss_while_running([*CAPSULA, *args], cwd=project, stdout_path=out, every=0.001)[1] for args in quiet
+        ]
     listed = subprocess.run([*CAPSULA, "list", "--json"], cwd=project, env=env(), capture_output=True, check=True)
     rows = len(json.loads(listed.stdout))
     measured = {}
@@ -310,6 +322,14 @@ def bench_vault(report: Report, workdir: Path, count: int, runs: int) -> None:
             f"< {limit:g} s",
             elapsed < limit and rows == count,
         )
+    small, large = (peaks[size] for size in sorted(peaks))
+    report.add(
+        f"peak RSS from {count // 100} to {count} capsules: show latest; find of an unrecorded file",
+        "; ".join(f"{a / 2**20:.0f} -> {b / 2**20:.0f} MiB" for a, b in zip(small, large, strict=True)),
+        "-",
+        "grows < 5 MiB (what they print does not grow)",
+        all(b - a < 5 << 20 for a, b in zip(small, large, strict=True)),
+    )
 
 
 def bench_lineage(report: Report, workdir: Path, count: int, runs: int) -> None:
