@@ -330,7 +330,7 @@ def copy_and_hash(src: Path, dest: Path, algorithm: str | None) -> str | None:
             size = os.fstat(fin.fileno()).st_size
             if algorithm:  # a plain copy (git's index) makes no hash
                 digest = new_hash(algorithm, size)
-            buf = bytearray(min(size + 1, COPY_CHUNK))  # Speed: a small file, a small buffer
+            buf = bytearray(COPY_CHUNK if size > 1 << 16 else 1 << 16)  # Speed: a small file, no 1 MiB to zero
             view = memoryview(buf)
             while n := fin.readinto(buf):
                 if digest:
@@ -3552,8 +3552,8 @@ class Heartbeats:
     def _beat(self) -> None:
         with self.wake:
             while True:
-                # Idle, it still wakes every interval: a call that starts then need not wake it
-                idle = time.monotonic() + heartbeat_interval()
+                # Idle, it still wakes now and then: a call that starts then need not wake it
+                idle = time.monotonic() + HEARTBEAT_SECONDS
                 self.waking_at = min((next_beat for *_, next_beat in self.running.values()), default=idle)
                 self.wake.wait(max(self.waking_at - time.monotonic(), 0))
                 for key, (capsule, every, next_beat) in list(self.running.items()):
