@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -248,6 +249,33 @@ def test_calls_running_at_once_each_beat_and_end_with_their_own_record(
     for capsule in capsules(repo):
         manifest = load(capsule / "capsule.json")
         assert manifest["status"] == "completed" and manifest["heartbeat_seconds"] == 0.05
+
+
+def test_a_call_after_idle_calls_still_beats_at_its_own_interval(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The heartbeat thread, idle after calls with the default 30 s beat, sleeps for up to
+    30 s: a later call with a shorter beat must wake it, and beat from its first interval on."""
+    import json
+    import time
+
+    @capsula.monitor(repo)
+    def quick() -> None:
+        pass
+
+    quick()
+    quick()
+    monkeypatch.setenv("CAPSULA_HEARTBEAT_SECONDS", "0.05")
+    seen: set[str] = set()
+
+    @capsula.monitor(repo)
+    def slow() -> None:
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            with contextlib.suppress(OSError, ValueError):
+                seen.add(json.loads((capsula.get_capsule_dir() / "capsule.json").read_text())["heartbeat"])
+            time.sleep(0.01)
+
+    slow()
+    assert len(seen) >= 4, seen  # the first beat (at the start), then one every 0.05 s
 
 
 @pytest.fixture
