@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, cast, overload
 
 if TYPE_CHECKING:
+    import array
     import datetime
     from typing import NoReturn, ParamSpec, TypeAlias, TypedDict, TypeVar
 
@@ -2745,7 +2746,11 @@ def list_capsule_names(vault: Path) -> list[str]:
         with os.scandir(vault) as it:
             return [e.name for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
     except OSError as exc:
-        raise VaultError(f"cannot read the vault {vault}: {user_error_text(exc)}; pass --vault or -C") from exc
+        raise _unreadable_vault(vault, exc) from exc
+
+
+def _unreadable_vault(vault: Path, exc: OSError) -> VaultError:
+    return VaultError(f"cannot read the vault {vault}: {user_error_text(exc)}; pass --vault or -C")
 
 
 def vault_entries(vault: Path) -> list[str]:
@@ -2753,8 +2758,23 @@ def vault_entries(vault: Path) -> list[str]:
     listing without a DirEntry per name, for the index, which checks each name anyway."""
     try:
         return [name for name in os.listdir(vault) if not name.startswith(".")]
-    except OSError:
-        return list_capsule_names(vault)  # which says what is wrong
+    except OSError as exc:
+        raise _unreadable_vault(vault, exc) from exc
+
+
+def _vault_names(vault: Path) -> Iterator[str]:
+    """vault_entries as they are read: memory does not grow with the vault."""
+    import itertools
+    import operator
+
+    try:
+        entries = os.scandir(vault)
+    except OSError as exc:
+        raise _unreadable_vault(vault, exc) from exc
+    with entries:  # Speed: names filtered by loops that run in C
+        yield from itertools.filterfalse(
+            operator.methodcaller("startswith", "."), map(operator.attrgetter("name"), entries)
+        )
 
 
 def _is_capsule(path: Path) -> bool:
@@ -4020,26 +4040,26 @@ class Listing:
         return [names, *(self.columns[c] for c in INDEX_PARTS["cells"])]
 
 
-def _signatures(vault: Path, names: Sequence[str]) -> list[str]:
+def _signatures(vault: Path, names: Iterable[str], *, named: bool = False) -> Iterator[str]:
     """For each capsule, what tells that it changed: capsule.json's inode, size and mtime
     (Capsula rewrites it whole, by rename, whenever the run's state changes); "" without
-    one. Speed: each stat is relative to the open vault."""
+    one; after "name/" when ``named``. Speed: each stat is relative to the open vault."""
     try:
         fd = os.open(vault, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        return [""] * len(names)
-    signatures: list[str] = []
+        yield from (f"{name}/" if named else "" for name in names)
+        return
     try:
         for name in names:
             try:
                 st = os.lstat(f"{name}/{MANIFEST}", dir_fd=fd)
             except OSError:
-                signatures.append("")
+                yield f"{name}/" if named else ""
                 continue
-            signatures.append(f"{st.st_ino}.{st.st_size}.{st.st_mtime_ns}")
+            signature = f"{st.st_ino}.{st.st_size}.{st.st_mtime_ns}"
+            yield f"{name}/{signature}" if named else signature
     finally:
         os.close(fd)
-    return signatures
 
 
 def _listed(path: Path, signature: str, *, host: str, boot_id: str | None) -> dict[str, object]:
@@ -4068,7 +4088,134 @@ def _listed(path: Path, signature: str, *, host: str, boot_id: str | None) -> di
 
 
 INDEX_SEGMENTS_MAX = 16  # more segments than this are merged into one
-INDEX_MAGIC = b"capsula-index 2"
+INDEX_MAGIC = b"capsula-index 3"
+INDEX_COLUMNS = tuple(column for names in INDEX_PARTS.values() for column in names)
+INDEX_BLOCK = 1 << 16  # bytes read, or lines written, at a time
+
+
+def _segment_head(count: int, spans: Sequence[tuple[int, int]]) -> bytes:
+    """A segment's first line: the magic, the row count, each column's byte size and CRC-32.
+    Fixed widths, so that a merge can write the columns first and the line they need last."""
+    cells = ",".join(f"{size:015d}:{crc:010d}" for size, crc in spans)
+    return b"%s %012d,%s\n" % (INDEX_MAGIC, count, cells.encode())
+
+
+class Segment:
+    """One file of the index, open, and believed only as far as it was written whole: after
+    its first line (see _segment_head), each column of INDEX_COLUMNS, a line per row, newest
+    row first. A column is read only once its size and CRC-32 are found as written. The file
+    never changes once in place, so what was checked holds while it is open (a merge that
+    deletes it meanwhile does not take it from a reader)."""
+
+    def __init__(self, path: Path) -> None:
+        """Raises OSError or ValueError for a file that is not one this version wrote whole."""
+        self.fd = os.open(path, os.O_RDONLY)
+        self.checked: set[str] = set()
+        try:
+            head = os.pread(self.fd, len(_segment_head(0, [(0, 0)] * len(INDEX_COLUMNS))), 0)
+            magic, _, numbers = head.rstrip(b"\n").rpartition(b" ")
+            count, *cells = numbers.split(b",")
+            if magic != INDEX_MAGIC or len(cells) != len(INDEX_COLUMNS) or not head.endswith(b"\n"):
+                raise ValueError(f"{path.name}: not an index segment of this version")
+            self.count, offset, self.spans = int(count), len(head), {}
+            for column, cell in zip(INDEX_COLUMNS, cells, strict=True):
+                size, crc = map(int, cell.split(b":"))
+                self.spans[column] = (offset, size, crc)
+                offset += size
+            if offset != os.fstat(self.fd).st_size:
+                raise ValueError(f"{path.name}: cut short or grown")
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def verify(self, columns: Iterable[str]) -> bool:
+        """Whether these columns are as written, a line a row (each is read once for it)."""
+        import zlib
+
+        for column in set(columns) - self.checked:
+            crc = lines = 0
+            for block in self._bytes(column):
+                crc, lines = zlib.crc32(block, crc), lines + block.count(b"\n")
+            if crc != self.spans[column][2] or lines != self.count:
+                return False
+            self.checked.add(column)
+        return True
+
+    def _bytes(self, column: str) -> Iterator[bytes]:
+        offset, size, _ = self.spans[column]
+        while size > 0:
+            block = os.pread(self.fd, min(size, INDEX_BLOCK), offset)
+            if not block:
+                raise ValueError("an index segment was cut short")
+            offset, size = offset + len(block), size - len(block)
+            yield block
+
+    def text(self, column: str) -> str:
+        """A column whole (for `list`, which prints it whole)."""
+        offset, size, _ = self.spans[column]
+        return os.pread(self.fd, size, offset).decode("utf-8", "surrogateescape")
+
+    def blocks(self, column: str) -> Iterator[str]:
+        """A column a block of whole lines at a time: memory does not grow with the vault."""
+        rest = b""
+        for block in self._bytes(column):
+            block = rest + block if rest else block
+            cut = block.rfind(b"\n") + 1
+            rest = block[cut:]
+            if cut:
+                yield block[:cut].decode("utf-8", "surrogateescape")
+
+    def lines(self, column: str) -> Iterator[str]:
+        """A column's values, a row at a time."""
+        import itertools
+
+        return itertools.chain.from_iterable(block[:-1].split("\n") for block in self.blocks(column))
+
+
+class NameSet:
+    """A set of strings held as their 64-bit hashes in one open-addressed table, 8 to 16
+    bytes an item where a set of str takes about a hundred: a vault-wide command holds no
+    name of the vault. Two strings of one hash count as one; Python keys its hash anew in
+    each process, so the odds are n²/2⁶⁵ for n items (3e-10 for 100,000), per command, and
+    never for the same two strings again. Each slot has a mark, for the caller's use."""
+
+    def __init__(self, capacity: int) -> None:
+        import array
+
+        size = 1 << (capacity + capacity // 2 + 1).bit_length()  # at most two thirds full
+        self.mask = size - 1
+        self.hashes = array.array("q", bytes(8 * size))  # 0: an empty slot
+        self.marks = bytearray(size)
+
+    def add(self, items: Iterable[str], slots: array.array[int] | None = None) -> None:
+        """Add these items; append the slot of each to ``slots``."""
+        hashes, mask = self.hashes, self.mask
+        for h in map(hash, items):
+            h = h or 1
+            i = h & mask
+            while (held := hashes[i]) != h:
+                if not held:
+                    hashes[i] = h
+                    break
+                i = (i + 1) & mask
+            if slots is not None:
+                slots.append(i)
+
+    def slots(self, items: Iterable[str]) -> Iterator[tuple[str, int]]:
+        """Each item with its slot, or -1 for one not in the set."""
+        hashes, mask = self.hashes, self.mask
+        for item in items:
+            h = hash(item) or 1
+            i = h & mask
+            while (held := hashes[i]) != h:
+                if not held:
+                    i = -1
+                    break
+                i = (i + 1) & mask
+            yield item, i
 
 
 class VaultIndex:
@@ -4078,13 +4225,10 @@ class VaultIndex:
     of hosts may share it on a network filesystem without locks: it is a set of immutable
     segment files, each written whole and renamed into place, and a row is used only while
     the capsule's capsule.json has the inode, size and mtime it had when the row was made;
-    a capsule made or changed since is read afresh.
+    a capsule made or changed since is read afresh. Used as a context manager: it holds
+    its segments open, each checked for the columns the command reads."""
 
-    A segment is a header line (the magic, the row count, and the byte size of each part
-    of INDEX_PARTS), then each part: its columns one after the other, a line per row, newest
-    row first. Speed: a command seeks to the parts it needs and splits each with one call."""
-
-    def __init__(self, vault: Path, cache: Path | None) -> None:
+    def __init__(self, vault: Path, cache: Path | None, columns: Iterable[str] = ()) -> None:
         import zlib
 
         key = zlib.crc32(os.fsencode(os.path.realpath(vault)))
@@ -4097,81 +4241,153 @@ class VaultIndex:
                     (self.segments if name.endswith(".seg") else self.outdated).append(name)
         self.segments.sort()
         self.merge_due = len(self.segments) >= INDEX_SEGMENTS_MAX
+        self.opened: list[Segment] = []  # the segments this version wrote whole, oldest first
+        self.slots: list[array.array[int]] = []  # for each, the slot of each row in match()'s set
+        for name in self.segments:
+            with contextlib.suppress(OSError, ValueError):
+                segment = Segment(self.dir / name)  # type: ignore[operator]
+                if segment.verify(INDEX_COLUMNS if self.merge_due else columns):
+                    self.opened.append(segment)
+                else:
+                    segment.close()
+
+    def __enter__(self) -> VaultIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for segment in self.opened:
+            segment.close()
+
+    def size(self) -> int:
+        return sum(segment.count for segment in self.opened)
 
     def read(self, parts: Iterable[str]) -> Listing:
-        """Every segment's rows (a capsule indexed twice appears twice, the later last)."""
+        """Every segment's rows, whole (a capsule indexed twice appears twice, the later last)."""
         listing = Listing(parts)
-        for segment in self.segments:
-            columns = self._read(segment, listing.parts)
-            if columns is not None:
-                for column, values in listing.columns.items():
-                    values.extend(columns[column])
+        for segment in self.opened:
+            for column, values in listing.columns.items():
+                lines = segment.text(column).split("\n")
+                lines.pop()  # after the last line's end
+                values.extend(map(float, lines) if column == "instant" else lines)
         return listing
 
-    def _read(self, segment: str, parts: Sequence[str]) -> dict[str, list[Any]] | None:
-        """One segment's columns; None when it was merged away meanwhile (its capsules are
-        then read afresh) or is not one this version wrote whole."""
-        assert self.dir is not None
-        columns: dict[str, list[Any]] = {}
-        try:
-            with open(self.dir / segment, "rb") as f:
-                head = f.readline()
-                magic, _, numbers = head.rstrip(b"\n").rpartition(b" ")
-                count, *sizes = (int(n) for n in numbers.split(b","))
-                if magic != INDEX_MAGIC or len(sizes) != len(INDEX_PARTS):
-                    return None
-                offset = len(head)
-                for (part, names), size in zip(INDEX_PARTS.items(), sizes, strict=True):
-                    if part in parts:
-                        f.seek(offset)
-                        data = f.read(size)
-                        lines = data.decode("utf-8", "surrogateescape").split("\n")
-                        if len(data) != size or len(lines) != count * len(names) + 1 or lines[-1]:
-                            return None
-                        for i, name in enumerate(names):
-                            columns[name] = lines[i * count : (i + 1) * count]
-                    offset += size
-            columns["instant"] = list(map(float, columns["instant"]))
-        except (OSError, ValueError):
-            return None
-        return None if any(t != t for t in columns["instant"]) else columns  # NaN would not sort
+    def match(self, vault: Path) -> tuple[NameSet, list[tuple[str, str]]]:
+        """The rows that hold a capsule of the vault as it is, as a set of "name/signature"
+        in which each such row's slot is marked; and the capsules no row holds as they are,
+        with their signatures (to be read afresh). Memory: a slot per row, whatever the
+        vault holds."""
+        import array
+
+        current = NameSet(self.size())
+        self.slots = [array.array("i") for _ in self.opened]
+        for segment, slots in zip(self.opened, self.slots, strict=True):
+            current.add(map("{}/{}".format, segment.lines("name"), segment.lines("signature")), slots)
+        unheld = []
+        for key, slot in current.slots(_signatures(vault, _vault_names(vault), named=True)):
+            if slot >= 0:
+                current.marks[slot] = 1
+            elif _is_capsule(vault / (name := key.rpartition("/")[0])):
+                unheld.append((name, key.rpartition("/")[2]))
+        return current, unheld
 
     def add(self, fresh: Listing, *, merge_with: Listing | None = None) -> None:
         """Keep the rows of capsules read afresh whose run has ended, in a new segment, or,
         when a merge is due, in one segment with ``merge_with`` that replaces them all."""
-        if self.dir is None:
-            return
-        keep = [i for i in range(len(fresh)) if fresh["cell3"][i] in FINAL_STATUSES and self.holds(fresh, i)]
-        rows = fresh.take(keep)
+        rows = fresh.take(self.keepable(fresh))
         if merge_with is not None:
             rows.extend(merge_with)
         if not len(rows):
             return
-        import uuid
-
         rows = rows.newest_first()
+        instants = list(map(repr, rows["instant"]))
+        self._write(len(rows), lambda column: instants if column == "instant" else rows[column], merge_with is not None)
+
+    def merge(self, current: NameSet, fresh: Listing) -> None:
+        """Replace every segment by one holding, newest first, the rows marked in ``current``
+        (see match; each capsule once, from the later segment) and the rows of capsules read
+        afresh. Memory: each segment is read a column at a time, as it comes; what is held
+        is a byte a row."""
+        import array
+        import heapq
+        import itertools
+
+        keeps: list[bytearray] = []
+        for slots in reversed(self.slots):  # a capsule's row in the later segment is kept
+            keep = bytearray()
+            for slot in slots:
+                kept = current.marks[slot] == 1
+                keep.append(kept)
+                if kept:  # 3: in the vault as the row holds it, and taken
+                    current.marks[slot] = 3
+            keeps.insert(0, keep)
+        rows = fresh.take(self.keepable(fresh)).newest_first()
         rows.columns["instant"] = list(map(repr, rows["instant"]))
-        blocks = [
-            "".join(f"{value}\n" for column in names for value in rows[column]).encode("utf-8", "surrogateescape")
-            for names in INDEX_PARTS.values()
+        streams: list[Iterator[tuple[float, str, int]]] = [
+            itertools.compress(zip(map(float, s.lines("instant")), s.lines("name"), itertools.repeat(i)), keep)
+            for i, (s, keep) in enumerate(zip(self.opened, keeps, strict=True))
         ]
-        head = INDEX_MAGIC + b" " + ",".join(map(str, [len(rows), *map(len, blocks)])).encode() + b"\n"
-        with contextlib.suppress(OSError, CapsulaError):
-            self.dir.mkdir(exist_ok=True)
-            write_bytes_atomic(self.dir / f"{time.time_ns():020d}-{uuid.uuid4().hex}.seg", b"".join([head, *blocks]))
-            for old in self.segments + self.outdated if merge_with is not None else ():
-                with contextlib.suppress(OSError):
-                    os.unlink(self.dir / old)
+        streams.append(zip(map(float, rows["instant"]), rows["name"], itertools.repeat(len(keeps))))
+        order = array.array("H", (source for _, _, source in heapq.merge(*streams, reverse=True)))
+
+        def column(name: str) -> Iterator[str]:
+            sources: list[Iterator[str]] = [
+                itertools.compress(s.lines(name), keep) for s, keep in zip(self.opened, keeps, strict=True)
+            ]
+            sources.append(iter(rows[name]))
+            return map(next, map(sources.__getitem__, order))
+
+        self._write(len(order), column, True)
 
     @staticmethod
-    def holds(fresh: Listing, i: int) -> bool:
-        """Whether a line can hold each of this capsule's fields (else it is read afresh each time)."""
-        name = fresh["name"][i]
-        return (
-            bool(fresh["signature"][i])
+    def keepable(fresh: Listing) -> list[int]:
+        """The rows of ``fresh`` to keep: runs that have ended, whose fields a line can hold
+        (others are read afresh each time)."""
+        return [
+            i
+            for i, name in enumerate(fresh["name"])
+            if fresh["cell3"][i] in FINAL_STATUSES
+            and fresh["signature"][i]
             and name.isprintable()
             and not any("\n" in values[i] for column, values in fresh.columns.items() if column != "instant")
-        )
+        ]
+
+    def _write(self, count: int, column: Callable[[str], Iterable[str]], replacing: bool) -> None:
+        """Write a segment of ``count`` rows, a column at a time, and rename it into place;
+        when ``replacing``, delete the segments there were. Nothing is written where the
+        cache cannot be (the index is only ever a shortcut)."""
+        import itertools
+        import uuid
+        import zlib
+
+        if self.dir is None:
+            return
+        with contextlib.suppress(OSError):
+            self.dir.mkdir(exist_ok=True)
+            name = f"{time.time_ns():020d}-{uuid.uuid4().hex}.seg"
+            tmp = self.dir / f".{name}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    f.seek(len(_segment_head(count, [(0, 0)] * len(INDEX_COLUMNS))))
+                    spans = []
+                    for names in INDEX_COLUMNS:
+                        size = crc = lines = 0
+                        values = iter(column(names))
+                        while block := list(itertools.islice(values, INDEX_BLOCK)):
+                            data = ("\n".join(block) + "\n").encode("utf-8", "surrogateescape")
+                            f.write(data)
+                            size, crc, lines = size + len(data), zlib.crc32(data, crc), lines + len(block)
+                        if lines != count:
+                            raise OSError(f"an index column of {lines} rows, not {count}")
+                        spans.append((size, crc))
+                    f.seek(0)
+                    f.write(_segment_head(count, spans))
+                os.replace(tmp, self.dir / name)
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            for old in self.segments + self.outdated if replacing else ():
+                with contextlib.suppress(OSError):
+                    os.unlink(self.dir / old)
 
 
 # A run with one of these has ended: its row no longer changes ("running" depends on who looks, and when).
@@ -4198,67 +4414,74 @@ def _without_gc(fn: Callable[P, R]) -> Callable[P, R]:
     return paused
 
 
+def _read_afresh(vault: Path, names: Iterable[tuple[str, str]]) -> Listing:
+    """These capsules (name, signature) read whole, as rows for the index."""
+    host, boot = hostname(), read_boot_id()
+    fresh = Listing(INDEX_PARTS)
+    for name, signature in names:
+        fresh.append(_listed(vault / name, signature, host=host, boot_id=boot))
+    return fresh
+
+
 @_without_gc
 def list_capsules(
     vault: Path, cache: Path | None = None, parts: Iterable[str] = ("cells",), *, ordered: bool = True
 ) -> Listing:
     """Every capsule in the vault (newest first when ``ordered``), with the parts of
     INDEX_PARTS asked for: from the index where it holds the capsule as it is, read afresh
-    (and then indexed) where not."""
-    host, boot = hostname(), read_boot_id()
-    index = VaultIndex(vault, cache)
-    stored = index.read(INDEX_PARTS if index.merge_due else ("signatures", *parts))
-    names = vault_entries(vault)
-    signatures = _signatures(vault, names)
-    # A row is used only while capsule.json is as it was when the row was made. Speed: the
-    # rows are matched by loops that run in C; a name's last row is its newest.
+    (and then indexed) where not. Memory: all of it, as all of it is printed."""
     import itertools
 
-    position = stored.positions()
-    rows = list(map(position.get, names, itertools.repeat(len(stored))))  # len(stored): no row
-    same = list(map(str.__eq__, map([*stored["signature"], "\n"].__getitem__, rows), signatures))
-    kept = sorted(itertools.compress(rows, same))  # segment by segment, each newest first:
-    fresh = Listing(INDEX_PARTS)  # the sort below meets long ordered runs
-    for name, signature, unchanged in zip(names, signatures, same, strict=True):
-        if not unchanged and _is_capsule(vault / name):
-            fresh.append(_listed(vault / name, signature, host=host, boot_id=boot))
-    listing = stored.take(kept)
-    index.add(fresh, merge_with=listing if index.merge_due else None)
+    parts = ("signatures", *parts)
+    with VaultIndex(vault, cache, [c for p in ("keys", *parts) for c in INDEX_PARTS[p]]) as index:
+        stored = index.read(INDEX_PARTS if index.merge_due else parts)
+        names = vault_entries(vault)
+        signatures = list(_signatures(vault, names))
+        # A row is used only while capsule.json is as it was when the row was made. Speed: the
+        # rows are matched by loops that run in C; a name's last row is its newest.
+        position = stored.positions()
+        rows = list(map(position.get, names, itertools.repeat(len(stored))))  # len(stored): no row
+        same = list(map(str.__eq__, map([*stored["signature"], "\n"].__getitem__, rows), signatures))
+        kept = sorted(itertools.compress(rows, same))  # segment by segment, each newest first:
+        unheld = [(n, s) for n, s, unchanged in zip(names, signatures, same, strict=True) if not unchanged]
+        fresh = _read_afresh(vault, [(n, s) for n, s in unheld if _is_capsule(vault / n)])
+        listing = stored.take(kept)  # the sort below meets long ordered runs
+        index.add(fresh, merge_with=listing if index.merge_due else None)
     listing.extend(fresh)
     return listing.newest_first() if ordered else listing
 
 
 @_without_gc
 def latest_capsules(vault: Path, cache: Path | None, count: int) -> list[str]:
-    """The names of the ``count`` newest capsules, newest first. Speed: only the names and
-    start instants of the index are read; the capsules it lacks are read whole, and so are
-    the newest indexed ones, until the rest are older (so a capsule whose start was
-    changed by hand since it was indexed is placed by the start it had then)."""
+    """The names of the ``count`` newest capsules, newest first. Speed: only the names of
+    the index are read whole, and the start instants of its newest rows; the capsules it
+    lacks are read whole, and so are the newest indexed ones, until the rest are older (a
+    capsule whose start was changed by hand since it was indexed is placed by its start
+    now, if the one it had then was among the newest). Memory: a slot per capsule."""
     import heapq
 
-    host, boot = hostname(), read_boot_id()
-    index = VaultIndex(vault, cache)
-    stored = index.read(INDEX_PARTS if index.merge_due else ())
-    present = set(vault_entries(vault))
-    unindexed = [n for n in present.difference(stored["name"]) if _is_capsule(vault / n)]
-    fresh = Listing(INDEX_PARTS)
-    for name, signature in zip(unindexed, _signatures(vault, unindexed), strict=True):
-        fresh.append(_listed(vault / name, signature, host=host, boot_id=boot))
-    if index.merge_due:  # the rows of present capsules, each name's last (rows changed since stay
-        position = stored.positions()  # as they were: list reads them anew)
-        index.add(fresh, merge_with=stored.take(sorted(position[n] for n in present if n in position)))
-    else:
-        index.add(fresh)
-    best = list(zip(fresh["instant"], fresh["name"], strict=True))
-    checked: set[str] = set()
-    for limit in (count + 16, len(stored)):  # the newest few; all, only if many of those changed
-        for when, name in heapq.nlargest(limit, zip(stored["instant"], stored["name"], strict=True)):
+    with VaultIndex(vault, cache, ("name", "instant")) as index:
+        if index.merge_due:
+            current, unheld = index.match(vault)
+            fresh = _read_afresh(vault, unheld)
+            index.merge(current, fresh)
+        else:
+            indexed = NameSet(index.size())
+            for segment in index.opened:
+                indexed.add(segment.lines("name"))
+            unindexed = [n for n, slot in indexed.slots(_vault_names(vault)) if slot < 0 and _is_capsule(vault / n)]
+            fresh = _read_afresh(vault, zip(unindexed, _signatures(vault, unindexed), strict=True))
+            index.add(fresh)
+        best = list(zip(fresh["instant"], fresh["name"], strict=True))
+        checked = set(fresh["name"])
+        newest = [zip(map(float, s.lines("instant")), s.lines("name"), strict=True) for s in index.opened]
+        for when, name in heapq.merge(*newest, reverse=True):
             top = heapq.nlargest(count, best)
             if len(top) >= count and (when, name) < top[-1]:
-                return [name for _, name in top]
-            if name in present and name not in checked and _is_capsule(vault / name):
+                break
+            if name not in checked and _is_capsule(vault / name):
                 checked.add(name)
-                best.append((cast("float", _listed(vault / name, "", host=host, boot_id=boot)["instant"]), name))
+                best.append((_read_afresh(vault, [(name, "")])["instant"][0], name))
     return [name for _, name in heapq.nlargest(count, best)]
 
 
@@ -4752,7 +4975,9 @@ def rerun_capsule(record: Record, *, project: Config, here: bool = False) -> tup
 @_without_gc
 def find_file(path: Path, vault: Path, cache: Path | None = None) -> list[tuple[str, str, str]]:
     """(capsule, "input" or "output", recorded path) for every capsule that recorded a file
-    with this content."""
+    with this content. Memory: a slot per capsule, and what is printed."""
+    import itertools
+    import operator
 
     @functools.cache
     def digest(algorithm: str) -> str | None:
@@ -4761,18 +4986,44 @@ def find_file(path: Path, vault: Path, cache: Path | None = None) -> list[tuple[
         except (OSError, ValueError):
             return None
 
-    listing = list_capsules(vault, cache, parts=("files",), ordered=False)
-    digests = {a: d for text in set(listing["algorithms"]) for a in text.split() if (d := digest(a))}
-    if not digests:
-        return []
-    anywhere = re.compile("|".join(map(re.escape, set(digests.values()))))
-    found, parse = [], json.JSONDecoder().raw_decode
-    for name, when, text in zip(listing["name"], listing["instant"], listing["files"], strict=True):
-        if anywhere.search(text):  # Speed: only a row that holds one of the hashes is parsed
-            for role, recorded, algorithm, file_hash, written in parse(text)[0]:
-                if file_hash == digests.get(algorithm):
-                    kept = written is False
-                    found.append((kept, -when, name, "output (not written by it)" if kept else role, recorded))
+    columns = ("name", "instant", "files", "signature", "algorithms")
+    with VaultIndex(vault, cache, columns) as index:
+        current, unheld = index.match(vault)
+        fresh = _read_afresh(vault, unheld)
+        if index.merge_due:
+            index.merge(current, fresh)
+        else:
+            index.add(fresh)
+        algorithms = set(fresh["algorithms"]).union(*(set(s.lines("algorithms")) for s in index.opened))
+        digests = {a: d for text in algorithms for a in text.split() if (d := digest(a))}
+        if not digests:
+            return []
+        anywhere = re.compile("|".join(map(re.escape, set(digests.values()))))
+        rows: list[Iterable[tuple[str, Any, str]]] = [
+            [
+                row
+                for row in zip(fresh["name"], fresh["instant"], fresh["files"], strict=True)
+                if anywhere.search(row[2])
+            ]
+        ]
+        for segment, slots in zip(index.opened, index.slots, strict=True):
+            hits = bytearray()  # a byte a row: whether it holds one of the hashes. Speed: the
+            for block in segment.blocks("files"):  # index is searched a block at a time, in C
+                lines = block[:-1].split("\n") if anywhere.search(block) else ()
+                hits.extend(map(bool, map(anywhere.search, lines)) if lines else bytes(block.count("\n")))
+            if any(hits):  # and of the rows that hit, those of capsules as they are now
+                hits = bytearray(map(operator.and_, hits, map(current.marks.__getitem__, slots)))
+                names, instants, files = (list(itertools.compress(segment.lines(c), hits)) for c in columns[:3])
+                rows.append(zip(names, map(float, instants), files, strict=True))
+    found, parse, seen = [], json.JSONDecoder().raw_decode, set()
+    for name, when, text in itertools.chain.from_iterable(rows):
+        if name in seen:  # a capsule indexed twice is told once
+            continue
+        seen.add(name)
+        for role, recorded, algorithm, file_hash, written in parse(text)[0]:
+            if file_hash == digests.get(algorithm):
+                kept = written is False
+                found.append((kept, -when, name, "output (not written by it)" if kept else role, recorded))
     found.sort()  # the runs that wrote it first, each group newest first
     return [hit[2:] for hit in found]
 
@@ -5602,7 +5853,8 @@ def _cmd_find(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise ConfigError(f"no such file: {path}; give the file whose origin you look for")
     hits = find_file(path, *_vault_and_cache(args))
-    sys.stdout.writelines(printable(f"{name}  {role}  {recorded}") + "\n" for name, role, recorded in hits)
+    lines = [f"{name}  {role}  {recorded}" for name, role, recorded in hits]
+    sys.stdout.writelines(map("{}\n".format, lines if all(map(str.isprintable, lines)) else map(printable, lines)))
     if not hits:
         print(f"no capsule recorded a file with the content of {path}", file=sys.stderr)
     return 0 if hits else 1

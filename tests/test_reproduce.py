@@ -524,6 +524,57 @@ def test_find_names_every_capsule_that_recorded_the_content(repo: Path) -> None:
     assert missing.returncode == 1 and b"no capsule recorded" in missing.stderr
 
 
+def test_find_and_latest_believe_no_row_that_is_edited_stale_or_doubled(tmp_path: Path) -> None:
+    """find and show latest answer as if the index were not there, whatever its files hold: a
+    row edited within the sizes it was written with, a row of a capsule changed since, a
+    capsule indexed twice; and as segments pile up, find merges them too."""
+    import hashlib
+
+    vault, cache, result = tmp_path / "vault", tmp_path / "cache", tmp_path / "result.txt"
+    result.write_text("a result\n")
+    digest = hashlib.sha256(result.read_bytes()).hexdigest()
+    env = {**os.environ, "CAPSULA_CACHE_DIR": str(cache)}
+
+    def made(name: str, second: int, *, records: bool) -> None:
+        _hand_made(vault, name, f"2026-01-01T00:00:{second:02d}+00:00")
+        entry = {"hash_algorithm": "sha256", "file_hash": digest if records else "0" * 64}
+        (vault / name / "post-run-info.json").write_text(json.dumps({"files": {"result.txt": entry}}))
+
+    def find() -> list[str]:
+        out = run_capsula("find", str(result), "--vault", str(vault), cwd=tmp_path, env=env).stdout.decode()
+        return [line.split()[0] for line in out.splitlines()]
+
+    def latest() -> str:
+        return ok(run_capsula("show", "latest", "--vault", str(vault), cwd=tmp_path, env=env)).split()[1]
+
+    for i in range(6):
+        made(f"r{i}", i, records=i % 2 == 0)
+    assert find() == ["r4", "r2", "r0"] and latest().endswith("r5")
+    assert find() == ["r4", "r2", "r0"] and latest().endswith("r5")  # now from the index
+    (segment,) = cache.rglob("*.seg")
+    data = segment.read_bytes()
+    assert data.count(b"0" * 64) == 3 and data.count(b"1767225605.0") == 1
+    for edited in (
+        data.replace(b"0" * 64, digest.encode(), 1),  # r3 or r1 would record the result
+        data.replace(b"1767225605.0", b"1067225605.0"),  # r5 would be the oldest
+    ):
+        segment.write_bytes(edited)
+        assert find() == ["r4", "r2", "r0"] and latest().endswith("r5")
+        for extra in set(cache.rglob("*.seg")) - {segment}:
+            extra.unlink()  # what the read afresh left
+    segment.write_bytes(data)
+    made("r1", 1, records=True)  # changed since it was indexed
+    made("r0", 0, records=False)
+    assert find() == ["r4", "r2", "r1"]
+    shutil.copy(segment, segment.with_name("0" + segment.name))  # indexed twice
+    assert find() == ["r4", "r2", "r1"] and latest().endswith("r5")
+    for i in range(6, 26):  # a segment each: merged as they pile up
+        made(f"r{i}", i, records=True)
+        assert find() == [f"r{j}" for j in reversed(range(6, i + 1))] + ["r4", "r2", "r1"]
+    assert len(list(cache.rglob("*.seg"))) <= 17
+    assert [r["name"] for r in _listing(vault, tmp_path, cache)[0]][:2] == ["r25", "r24"]
+
+
 def test_lists_and_runs_at_once_from_many_processes(project: Path) -> None:
     """Processes that run and list at once share what list keeps without a lock: every
     capsule is listed, each once."""
