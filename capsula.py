@@ -44,7 +44,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, cast, overload
 
@@ -4040,24 +4040,23 @@ class Listing:
         return [names, *(self.columns[c] for c in INDEX_PARTS["cells"])]
 
 
-def _signatures(vault: Path, names: Iterable[str], *, named: bool = False) -> Iterator[str]:
+def _signatures(vault: Path, names: Iterable[str]) -> Iterator[str]:
     """For each capsule, what tells that it changed: capsule.json's inode, size and mtime
     (Capsula rewrites it whole, by rename, whenever the run's state changes); "" without
-    one; after "name/" when ``named``. Speed: each stat is relative to the open vault."""
+    one. Speed: each stat is relative to the open vault."""
     try:
         fd = os.open(vault, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        yield from (f"{name}/" if named else "" for name in names)
+        yield from ("" for _ in names)
         return
     try:
         for name in names:
             try:
                 st = os.lstat(f"{name}/{MANIFEST}", dir_fd=fd)
             except OSError:
-                yield f"{name}/" if named else ""
+                yield ""
                 continue
-            signature = f"{st.st_ino}.{st.st_size}.{st.st_mtime_ns}"
-            yield f"{name}/{signature}" if named else signature
+            yield f"{st.st_ino}.{st.st_size}.{st.st_mtime_ns}"
     finally:
         os.close(fd)
 
@@ -4176,7 +4175,7 @@ class Segment:
 
 
 class NameSet:
-    """A set of strings held as their 64-bit hashes in one open-addressed table, 8 to 16
+    """A set of strings (or tuples of them) held as their 64-bit hashes in one open-addressed table, 8 to 16
     bytes an item where a set of str takes about a hundred: a vault-wide command holds no
     name of the vault. Two strings of one hash count as one; Python keys its hash anew in
     each process, so the odds are n²/2⁶⁵ for n items (3e-10 for 100,000), per command, and
@@ -4190,7 +4189,7 @@ class NameSet:
         self.hashes = array.array("q", bytes(8 * size))  # 0: an empty slot
         self.marks = bytearray(size)
 
-    def add(self, items: Iterable[str], slots: array.array[int] | None = None) -> None:
+    def add(self, items: Iterable[Hashable], slots: array.array[int] | None = None) -> None:
         """Add these items; append the slot of each to ``slots``."""
         hashes, mask = self.hashes, self.mask
         for h in map(hash, items):
@@ -4204,7 +4203,7 @@ class NameSet:
             if slots is not None:
                 slots.append(i)
 
-    def slots(self, items: Iterable[str]) -> Iterator[tuple[str, int]]:
+    def slots(self, items: Iterable[T]) -> Iterator[tuple[T, int]]:
         """Each item with its slot, or -1 for one not in the set."""
         hashes, mask = self.hashes, self.mask
         for item in items:
@@ -4272,22 +4271,24 @@ class VaultIndex:
         return listing
 
     def match(self, vault: Path) -> tuple[NameSet, list[tuple[str, str]]]:
-        """The rows that hold a capsule of the vault as it is, as a set of "name/signature"
+        """The rows that hold a capsule of the vault as it is, as a set of (name, signature)
         in which each such row's slot is marked; and the capsules no row holds as they are,
         with their signatures (to be read afresh). Memory: a slot per row, whatever the
         vault holds."""
         import array
+        import itertools
 
         current = NameSet(self.size())
         self.slots = [array.array("i") for _ in self.opened]
         for segment, slots in zip(self.opened, self.slots, strict=True):
-            current.add(map("{}/{}".format, segment.lines("name"), segment.lines("signature")), slots)
+            current.add(zip(segment.lines("name"), segment.lines("signature"), strict=True), slots)
+        names, named = itertools.tee(_vault_names(vault))
         unheld = []
-        for key, slot in current.slots(_signatures(vault, _vault_names(vault), named=True)):
+        for key, slot in current.slots(zip(names, _signatures(vault, named), strict=True)):
             if slot >= 0:
                 current.marks[slot] = 1
-            elif _is_capsule(vault / (name := key.rpartition("/")[0])):
-                unheld.append((name, key.rpartition("/")[2]))
+            elif _is_capsule(vault / key[0]):
+                unheld.append(key)
         return current, unheld
 
     def add(self, fresh: Listing, *, merge_with: Listing | None = None) -> None:
@@ -4431,6 +4432,7 @@ def list_capsules(
     INDEX_PARTS asked for: from the index where it holds the capsule as it is, read afresh
     (and then indexed) where not. Memory: all of it, as all of it is printed."""
     import itertools
+    import operator
 
     parts = ("signatures", *parts)
     with VaultIndex(vault, cache, [c for p in ("keys", *parts) for c in INDEX_PARTS[p]]) as index:
@@ -4443,7 +4445,7 @@ def list_capsules(
         rows = list(map(position.get, names, itertools.repeat(len(stored))))  # len(stored): no row
         same = list(map(str.__eq__, map([*stored["signature"], "\n"].__getitem__, rows), signatures))
         kept = sorted(itertools.compress(rows, same))  # segment by segment, each newest first:
-        unheld = [(n, s) for n, s, unchanged in zip(names, signatures, same, strict=True) if not unchanged]
+        unheld = itertools.compress(zip(names, signatures, strict=True), map(operator.not_, same))
         fresh = _read_afresh(vault, [(n, s) for n, s in unheld if _is_capsule(vault / n)])
         listing = stored.take(kept)  # the sort below meets long ordered runs
         index.add(fresh, merge_with=listing if index.merge_due else None)
