@@ -5009,14 +5009,17 @@ def find_file(path: Path, vault: Path, cache: Path | None = None) -> list[tuple[
             ]
         ]
         for segment, slots in zip(index.opened, index.slots, strict=True):
-            hits = bytearray()  # a byte a row: whether it holds one of the hashes. Speed: the
-            for block in segment.blocks("files"):  # index is searched a block at a time, in C
+            hits, files = bytearray(), list[str]()  # a byte a row: whether it holds one of the hashes; and
+            for block in segment.blocks("files"):  # those rows. Speed: searched a block at a time, in C
                 lines = block[:-1].split("\n") if anywhere.search(block) else ()
-                hits.extend(map(bool, map(anywhere.search, lines)) if lines else bytes(block.count("\n")))
-            if any(hits):  # and of the rows that hit, those of capsules as they are now
+                hit = bytes(map(bool, map(anywhere.search, lines))) if lines else bytes(block.count("\n"))
+                hits.extend(hit)
+                files.extend(itertools.compress(lines, hit))
+            if files:  # of the rows that hit, those of capsules as they are now
+                now = list(map(current.marks.__getitem__, itertools.compress(slots, hits)))
                 hits = bytearray(map(operator.and_, hits, map(current.marks.__getitem__, slots)))
-                names, instants, files = (list(itertools.compress(segment.lines(c), hits)) for c in columns[:3])
-                rows.append(zip(names, map(float, instants), files, strict=True))
+                names, instants = (list(itertools.compress(segment.lines(c), hits)) for c in columns[:2])
+                rows.append(zip(names, map(float, instants), itertools.compress(files, now), strict=True))
     found, parse, seen = [], json.JSONDecoder().raw_decode, set()
     for name, when, text in itertools.chain.from_iterable(rows):
         if name in seen:  # a capsule indexed twice is told once
