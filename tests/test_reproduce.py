@@ -575,6 +575,40 @@ def test_find_and_latest_believe_no_row_that_is_edited_stale_or_doubled(tmp_path
     assert [r["name"] for r in _listing(vault, tmp_path, cache)[0]][:2] == ["r25", "r24"]
 
 
+def test_signatures_stat_ed_in_two_processes_are_each_capsules_own(tmp_path: Path, monkeypatch: Any) -> None:
+    """list and find stat each capsule.json in two processes where they may (no other
+    thread, more than one CPU): every capsule gets its own signature, once, whether they
+    fork or not, and when the child dies before its half, that half is stat'ed at home."""
+    import threading
+
+    vault = tmp_path / "vault"
+    for i in range(300):
+        _hand_made(vault, f"r{i:03d}", f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}+00:00")
+    names = sorted(p.name for p in vault.iterdir())
+    stats = {n: (vault / n / "capsule.json").lstat() for n in names}
+    expected = sorted((n, f"{s.st_ino}.{s.st_size}.{s.st_mtime_ns}") for n, s in stats.items())
+    assert sorted(capsula._signed(vault, lambda: names)) == expected
+    assert sorted(capsula._signed(vault, lambda: capsula._vault_names(vault))) == expected
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()  # another thread: no fork
+    try:
+        assert sorted(capsula._signed(vault, lambda: names)) == expected
+    finally:
+        stop.set()
+        other.join()
+    parent, real = os.getpid(), capsula._signatures
+
+    def dying(vault: Path, names: Any) -> Any:
+        if os.getpid() != parent:
+            os._exit(3)
+        return real(vault, names)
+
+    monkeypatch.setattr(capsula, "_signatures", dying)
+    assert sorted(capsula._signed(vault, lambda: names)) == expected
+    assert sorted(capsula.list_capsules(vault, None)["name"]) == names
+
+
 def test_lists_and_runs_at_once_from_many_processes(project: Path) -> None:
     """Processes that run and list at once share what list keeps without a lock: every
     capsule is listed, each once."""
