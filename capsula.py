@@ -772,42 +772,70 @@ def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> 
     )
 
 
-def read_config_table(path: Path) -> dict[str, Any] | None:
-    """A config file's Capsula tables, parsed from its text every time; None for a
-    pyproject.toml without [tool.capsula]."""
-    import tomllib
-
+def read_config_table(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """A config file's Capsula tables, as tomllib parses its text (None for a pyproject.toml
+    without [tool.capsula]), and the text when it was parsed afresh, for keep_config_table().
+    Speed: importing tomllib (with the typing, datetime and regular expressions it brings)
+    is a tenth of `capsula monitor -- true`; a table kept beside the exact text it came
+    from is used for that text only."""
     pyproject = path.name == "pyproject.toml"
     try:
-        text = path.read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
         if pyproject:
-            return None
+            return None, None
         raise ConfigError(f"cannot read {path}: {user_error_text(exc)}; check its permissions") from exc
-    if pyproject and b"capsula" not in text:  # other projects' files, broken or not, are not ours
-        return None
+    if pyproject and b"capsula" not in data:  # other projects' files, broken or not, are not ours
+        return None, None
     try:
-        table: Any = tomllib.loads(text.decode())
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"invalid TOML in {path}: not UTF-8 ({exc.reason}); save it as UTF-8") from exc
+    entry = read_json(_kept_config(path))
+    if isinstance(entry, dict) and entry.get("path") == str(path) and entry.get("text") == text:
+        if isinstance(table := entry.get("table"), dict):
+            return table, None
+    table = _parse_config(path, text)
+    return table, None if table is None else text
+
+
+def _kept_config(path: Path) -> Path:
+    import zlib
+
+    return _cache_path(path.parent, os.environ) / f"config-{zlib.crc32(os.fsencode(path)):08x}.json"
+
+
+def keep_config_table(path: Path, text: str, table: dict[str, Any]) -> None:
+    """Keep a valid config's tables for read_config_table(); a TOML date cannot be kept."""
+    if cache_directory(path.parent, os.environ):
+        with contextlib.suppress(CapsulaError, OSError, TypeError, ValueError):
+            write_json(_kept_config(path), {"path": str(path), "text": text, "table": table})
+
+
+def _parse_config(path: Path, text: str) -> dict[str, Any] | None:
+    import tomllib
+
+    try:
+        table: Any = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # tomllib says "... (at line 3, column 7)": keep it, it is where to look.
         raise ConfigError(f"invalid TOML in {path}: {exc}; fix the syntax there") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"invalid TOML in {path}: not UTF-8 ({exc.reason}); save it as UTF-8") from exc
-    if pyproject:
+    if path.name == "pyproject.toml":
         table = table.get("tool", {}).get("capsula")
         if table is not None and not isinstance(table, dict):
             raise ConfigError(f"'tool.capsula' in {path} must be a table; write [tool.capsula.capture] ...")
     return cast("dict[str, Any] | None", table)
 
 
-def _config_in(folder: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The config file in one folder (capsula.toml first) and its Capsula tables."""
+def _config_in(folder: Path) -> tuple[Path, dict[str, Any], str | None] | None:
+    """The config file in one folder (capsula.toml first), its Capsula tables, and its
+    text if it was parsed afresh."""
     for name in (CONFIG_NAME, "pyproject.toml"):
         candidate = folder / name
         if candidate.is_file():
-            table = read_config_table(candidate)
+            table, fresh = read_config_table(candidate)
             if table is not None:
-                return candidate, table
+                return candidate, table, fresh
     return None
 
 
@@ -819,11 +847,12 @@ def load_config(directory: str | os.PathLike[str] | None = None, *, cwd: Path | 
     the enclosing git work tree or ``cwd``. The root is recorded by its real path.
     """
     cwd = Path(cwd or os.getcwd()).absolute()
-    found: tuple[Path, dict[str, Any]] | None = None
+    found: tuple[Path, dict[str, Any], str | None] | None = None
     if directory is not None:
         given = Path(os.path.realpath(cwd / directory))
         if given.is_file():
-            found = (given, read_config_table(given) or {})
+            table, fresh = read_config_table(given)
+            found = (given, table or {}, fresh)
         elif given.is_dir():
             found = _config_in(given)
         else:
@@ -835,7 +864,11 @@ def load_config(directory: str | os.PathLike[str] | None = None, *, cwd: Path | 
         root = found[0].parent if found else (find_git_top(real) or real)
     if not found:
         return parse_config({}, root=root, source=None)
-    return parse_config(found[1], root=root, source=found[0])
+    path, table, fresh = found
+    config = parse_config(table, root=root, source=path)
+    if fresh is not None:  # valid: kept, so that tomllib is needed again only when the file changes
+        keep_config_table(path, fresh, table)
+    return config
 
 
 # === Records ==================================================================
@@ -2104,11 +2137,15 @@ def current_hz() -> int | None:
 CACHE_DIR = ".capsula_cache"  # in the root, unless CAPSULA_CACHE_DIR names another folder
 
 
+def _cache_path(root: Path, environ: Mapping[str, str]) -> Path:
+    return Path(environ.get("CAPSULA_CACHE_DIR") or root / CACHE_DIR)
+
+
 def cache_directory(root: Path, environ: Mapping[str, str]) -> Path | None:
     """Where facts kept between runs live: outside the vault, ignoring itself as
     .pytest_cache does (a .gitignore holding ``*``); None when it cannot be made.
     Deleting it loses nothing."""
-    path = Path(environ.get("CAPSULA_CACHE_DIR") or root / CACHE_DIR)
+    path = _cache_path(root, environ)
     ignore = b"*\n# made by capsula: facts kept between runs\n"
     try:
         if not (path / ".gitignore").exists():
