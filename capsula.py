@@ -276,14 +276,15 @@ def user_error_text(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def write_bytes_atomic(path: Path, data: bytes, *, room: Path | None = None) -> None:
+def write_bytes_atomic(path: Path, data: bytes, *, room: Path | None = None, mode: int = 0o666) -> None:
     """Write a file so that readers see the old file or the whole new one, never a part.
-    room: a file made ahead to write it in, its blocks already taken (see reserve_room)."""
+    room: a file made ahead to write it in, its blocks already taken (see reserve_room);
+    mode: before the umask."""
     import _thread  # the low-level module: threading costs an import for one thread id
 
     tmp = room or path.with_name(f".{path.name}.{os.getpid()}.{_thread.get_ident()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY if room else os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+        fd = os.open(tmp, os.O_WRONLY if room else os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
             _write_all(fd, data)
             if room:
@@ -299,13 +300,13 @@ def write_bytes_atomic(path: Path, data: bytes, *, room: Path | None = None) -> 
         raise
 
 
-def write_json(path: Path, data: object, *, room: Path | None = None) -> None:
+def write_json(path: Path, data: object, *, room: Path | None = None, mode: int = 0o666) -> None:
     """Write JSON atomically, indented as 0.0.19 wrote it."""
     try:
         text = json.dumps(data, indent=4, ensure_ascii=False).encode()
     except UnicodeEncodeError:  # non-UTF-8 file names or values: escaped, so they round-trip
         text = json.dumps(data, indent=4).encode()
-    write_bytes_atomic(path, text + b"\n", room=room)
+    write_bytes_atomic(path, text + b"\n", room=room, mode=mode)
 
 
 JSON_READ_LIMIT = 64 << 20  # bytes: a larger capsule file is refused, not loaded
@@ -791,7 +792,7 @@ def read_config_table(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         text = data.decode()
     except UnicodeDecodeError as exc:
         raise ConfigError(f"invalid TOML in {path}: not UTF-8 ({exc.reason}); save it as UTF-8") from exc
-    entry = read_json(_kept_config(path))
+    entry = _read_own_json(_kept_config(path))
     if isinstance(entry, dict) and entry.get("path") == str(path) and entry.get("text") == text:
         if isinstance(table := entry.get("table"), dict):
             return table, None
@@ -806,10 +807,26 @@ def _kept_config(path: Path) -> Path:
 
 
 def keep_config_table(path: Path, text: str, table: dict[str, Any]) -> None:
-    """Keep a valid config's tables for read_config_table(); a TOML date cannot be kept."""
+    """Keep a valid config's tables for read_config_table(), readable and writable by this
+    user alone; a TOML date cannot be kept."""
     if cache_directory(path.parent, os.environ):
         with contextlib.suppress(CapsulaError, OSError, TypeError, ValueError):
-            write_json(_kept_config(path), {"path": str(path), "text": text, "table": table})
+            entry = json.dumps({"path": str(path), "text": text, "table": table}).encode()
+            write_bytes_atomic(_kept_config(path), entry, mode=0o600)
+
+
+def _read_own_json(path: Path) -> JSON:
+    """A JSON file that only this user can have written (owned, and no one else may write
+    it); else None: in a shared CAPSULA_CACHE_DIR, another user must not choose the tables
+    a config stands for (pre-capture commands are run)."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_uid != getattr(os, "geteuid", lambda: -1)() or st.st_mode & 0o022:
+                return None
+            return cast("JSON", json.loads(f.read()))
+    except (OSError, ValueError, RecursionError):
+        return None
 
 
 def _parse_config(path: Path, text: str) -> dict[str, Any] | None:
@@ -2180,16 +2197,17 @@ _HOST_FACTS: dict[str, dict[str, JSON]] = {}
 
 class HostCache:
     """Facts that do not change while the machine is up (platform, CPU), kept in the cache
-    directory under a key of host, boot id, interpreter and py-cpuinfo install: a reboot,
-    another host or an upgrade reads them afresh. Speed: py-cpuinfo's probe takes 1 s."""
+    directory under a key of host, boot id, interpreter, py-cpuinfo install and user: a
+    reboot, another host or an upgrade reads them afresh, and no user reads a file another
+    could have written (a shared CAPSULA_CACHE_DIR). Speed: py-cpuinfo's probe takes 1 s."""
 
     def __init__(self, directory: Path | None, cpuinfo_stamp: str | None) -> None:
         import zlib  # a checksum is enough for a file name, and cheaper to import than hashlib
 
         boot = read_boot_id()
-        raw = f"{hostname()}|{boot}|{sys.executable}|{sys.version}|{cpuinfo_stamp}"
+        raw = f"{hostname()}|{boot}|{sys.executable}|{sys.version}|{cpuinfo_stamp}|{getattr(os, 'getuid', int)()}"
         self.path = directory / f"host-{zlib.crc32(raw.encode()):08x}.json" if boot and directory else None
-        cached = _HOST_FACTS.get(raw) or (read_json(self.path) if self.path else None)
+        cached = _HOST_FACTS.get(raw) or (_read_own_json(self.path) if self.path else None)
         self.data: dict[str, JSON] = cached if isinstance(cached, dict) and cached.get("key") == raw else {"key": raw}
         _HOST_FACTS[raw] = self.data  # read once per process
 
@@ -2198,7 +2216,7 @@ class HostCache:
             self.data[key] = compute()
             if self.path is not None:
                 with contextlib.suppress(CapsulaError):
-                    write_json(self.path, self.data)
+                    write_json(self.path, self.data, mode=0o600)  # facts recorded: only this user's
         return self.data[key]
 
 

@@ -380,6 +380,10 @@ def test_cpu_and_platform_facts_are_cached_per_boot_and_the_clock_is_fresh(
     if "cpu" in cached:
         assert second["cpu"]["brand_raw"] == "from-the-cache"
         assert second["cpu"].get("hz_actual") != [1, 0]  # the current clock is read fresh
+    assert cache_file.stat().st_mode & 0o777 == 0o600
+    cache_file.chmod(0o664)  # another user could have written it (a shared CAPSULA_CACHE_DIR): not read
+    assert load(capture(repo) / "context.json")["platform"]["release"] == first["platform"]["release"]
+    cache_file.write_text(json.dumps(cached))
     cached["key"] = "another boot"
     cache_file.write_text(json.dumps(cached))
     third = load(capture(repo) / "context.json")
@@ -396,6 +400,7 @@ def test_no_file_or_uname_spawned_once_facts_are_cached(repo: Path, tmp_path: Pa
         fake.write_text(f"#!/bin/sh\necho {tool} >> {log}\necho unknown\n")
         fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    write_config(repo, "[capture]\ninclude-cpu = false\n")  # py-cpuinfo's probe spawns `file` itself
     assert run_capsula("capture", cwd=repo, env=env).returncode == 0
     first = log.read_text().split() if log.exists() else []
     assert "file" not in first  # platform.architecture() is not used: no `file` spawn

@@ -175,6 +175,13 @@ def test_a_config_is_parsed_once_and_then_only_when_its_text_changes(repo: Path)
     entry = load(kept[0])  # kept for another file (a copied cache): not used
     kept[0].write_text(json.dumps(entry | {"path": str(repo / "elsewhere.toml")}))
     assert load_in_a_new_process() == ["v2", "True"]
+    # Only a file that this user alone can have written counts (CAPSULA_CACHE_DIR may be shared).
+    assert kept[0].stat().st_mode & 0o777 == 0o600 and load_in_a_new_process() == ["v2", "False"]
+    kept[0].chmod(0o620)
+    assert load_in_a_new_process() == ["v2", "True"]
+    if os.geteuid() == 0:
+        os.chown(kept[0], 65534, -1)
+        assert load_in_a_new_process() == ["v2", "True"]
     # A pyproject.toml that names capsula without [tool.capsula] is not a config, -C or not.
     sub = repo / "sub"
     sub.mkdir()
