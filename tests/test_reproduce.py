@@ -575,6 +575,26 @@ def test_find_and_latest_believe_no_row_that_is_edited_stale_or_doubled(tmp_path
     assert [r["name"] for r in _listing(vault, tmp_path, cache)[0]][:2] == ["r25", "r24"]
 
 
+def test_latest_takes_the_index_for_the_vault_only_when_both_hold_the_same_names(tmp_path: Path) -> None:
+    """show latest skips matching the vault's names one by one when they are the index's
+    (the same count and sum of hashes): a capsule deleted and another made in its place,
+    the count unchanged, is still seen, and a dot-name beside them is no capsule."""
+    vault, cache = tmp_path / "vault", tmp_path / "cache"
+    env = {**os.environ, "CAPSULA_CACHE_DIR": str(cache)}
+
+    def latest() -> str:
+        return ok(run_capsula("show", "latest", "--vault", str(vault), cwd=tmp_path, env=env)).split()[1]
+
+    for i in range(4):
+        _hand_made(vault, f"r{i}", f"2026-01-01T00:00:{i:02d}+00:00")
+    assert latest().endswith("r3") and latest().endswith("r3")  # the second from the index
+    shutil.rmtree(vault / "r0")
+    _hand_made(vault, "r9", "2026-01-01T00:00:09+00:00")
+    assert latest().endswith("r9") and latest().endswith("r9")
+    _hand_made(vault, ".r10", "2026-01-01T00:00:10+00:00")
+    assert latest().endswith("r9")
+
+
 def test_signatures_stat_ed_in_two_processes_are_each_capsules_own(tmp_path: Path, monkeypatch: Any) -> None:
     """list and find stat each capsule.json in two processes where they may (no other
     thread, more than one CPU): every capsule gets its own signature, once, whether they
