@@ -486,6 +486,9 @@ def test_a_damaged_or_outdated_index_is_never_believed(tmp_path: Path) -> None:
 
 
 def test_show_latest_keeps_what_it_read_and_sees_new_capsules(tmp_path: Path) -> None:
+    """show latest takes the vault's names to be the index's only when both have the same
+    count and sum of hashes: a capsule deleted and another made in its place is seen, and
+    entries that are no capsules (a file, a link, a dot-name) are never taken for one."""
     vault, cache = tmp_path / "vault", tmp_path / "cache"
     env = {**os.environ, "CAPSULA_CACHE_DIR": str(cache)}
 
@@ -494,9 +497,15 @@ def test_show_latest_keeps_what_it_read_and_sees_new_capsules(tmp_path: Path) ->
 
     for i in range(12):
         _hand_made(vault, f"r{i:02d}", f"2026-01-01T00:00:{i:02d}+00:00")
+    assert latest().endswith("r11") and list(cache.rglob("*.seg"))  # kept, without a list
+    shutil.rmtree(vault / "r00")  # and another in its place: the count is the same
+    _hand_made(vault, "r99", "2026-01-01T00:00:59+00:00")
+    assert latest().endswith("r99") and latest().endswith("r99")
+    shutil.rmtree(vault / "r99")
     (vault / "a-file").write_text("not a capsule")
     (vault / "a-link").symlink_to(vault / "r11")
-    assert latest().endswith("r11") and list(cache.rglob("*.seg"))  # kept, without a list
+    _hand_made(vault, ".r99", "2026-01-01T00:00:59+00:00")
+    assert latest().endswith("r11")
     _hand_made(vault, "r12", "2026-01-01T00:01:00+00:00")
     assert latest().endswith("r12")
     shutil.rmtree(vault / "r12")
@@ -573,26 +582,6 @@ def test_find_and_latest_believe_no_row_that_is_edited_stale_or_doubled(tmp_path
         assert find() == [f"r{j}" for j in reversed(range(6, i + 1))] + ["r4", "r2", "r1"]
     assert len(list(cache.rglob("*.seg"))) <= 17
     assert [r["name"] for r in _listing(vault, tmp_path, cache)[0]][:2] == ["r25", "r24"]
-
-
-def test_latest_takes_the_index_for_the_vault_only_when_both_hold_the_same_names(tmp_path: Path) -> None:
-    """show latest skips matching the vault's names one by one when they are the index's
-    (the same count and sum of hashes): a capsule deleted and another made in its place,
-    the count unchanged, is still seen, and a dot-name beside them is no capsule."""
-    vault, cache = tmp_path / "vault", tmp_path / "cache"
-    env = {**os.environ, "CAPSULA_CACHE_DIR": str(cache)}
-
-    def latest() -> str:
-        return ok(run_capsula("show", "latest", "--vault", str(vault), cwd=tmp_path, env=env)).split()[1]
-
-    for i in range(4):
-        _hand_made(vault, f"r{i}", f"2026-01-01T00:00:{i:02d}+00:00")
-    assert latest().endswith("r3") and latest().endswith("r3")  # the second from the index
-    shutil.rmtree(vault / "r0")
-    _hand_made(vault, "r9", "2026-01-01T00:00:09+00:00")
-    assert latest().endswith("r9") and latest().endswith("r9")
-    _hand_made(vault, ".r10", "2026-01-01T00:00:10+00:00")
-    assert latest().endswith("r9")
 
 
 def test_signatures_stat_ed_in_two_processes_are_each_capsules_own(tmp_path: Path, monkeypatch: Any) -> None:
