@@ -1,6 +1,6 @@
 """Capsula's speed and memory targets, measured side by side with their baselines.
 
-    python benchmarks/run.py            # everything (about ten minutes)
+    python benchmarks/run.py            # everything (about six minutes)
     python benchmarks/run.py --quick    # fewer repetitions, smaller files
 
 Every number is a median over repeated whole-process runs on this machine, printed next to a
