@@ -34,7 +34,6 @@ below lives in one function, says why in a comment, and has a test of its behavi
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import contextvars
 import errno
@@ -47,36 +46,17 @@ import sys
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, cast, overload
 
-TYPE_CHECKING = False  # importing typing is 3 ms of every start: mypy reads it, the program does not
 if TYPE_CHECKING:
     import array
     import datetime
-    from typing import Any, ClassVar, NamedTuple, NoReturn, ParamSpec, TypeAlias, TypedDict, TypeVar, cast, overload
+    from typing import NoReturn, ParamSpec, TypeAlias, TypedDict, TypeVar
 
     JSON: TypeAlias = "bool | int | float | str | list[JSON] | dict[str, JSON] | None"
     P = ParamSpec("P")
     R = TypeVar("R")
     T = TypeVar("T")
-else:
-
-    def cast(_type, value):
-        return value
-
-    class _NamedTupleType(type):
-        """typing.NamedTuple's class syntax without typing, which also compiles every field's
-        annotation: the fields and defaults go to collections.namedtuple, the rest onto it."""
-
-        def __new__(cls, name, bases, namespace):
-            fields = namespace.get("__annotations__", {})
-            defaults = [namespace[field] for field in fields if field in namespace]
-            made = collections.namedtuple(name, fields, defaults=defaults, module=namespace["__module__"])
-            for key, value in namespace.items():
-                if key not in fields:
-                    setattr(made, key, value)
-            return made
-
-    NamedTuple = type.__new__(_NamedTupleType, "NamedTuple", (), {})
 
 __all__ = ["CapsulaError", "CaptureError", "Config", "ConfigError", "FileSpec", "NotInRunError", "VaultError"]
 __all__ += ["capture", "cli", "get_capsule_dir", "get_capsule_name", "load_config", "main", "monitor"]
@@ -773,86 +753,42 @@ def parse_config(raw: Mapping[str, Any], *, root: Path, source: Path | None) -> 
     )
 
 
-def read_config_table(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """A config file's Capsula tables, as tomllib parses its text (None for a pyproject.toml
-    without [tool.capsula]), and the text when it was parsed afresh, for keep_config_table().
-    Speed: importing tomllib (with the typing, datetime and regular expressions it brings)
-    is a tenth of `capsula monitor -- true`; a table kept beside the exact text it came
-    from is used for that text only."""
-    pyproject = path.name == "pyproject.toml"
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        if pyproject:
-            return None, None
-        raise ConfigError(f"cannot read {path}: {user_error_text(exc)}; check its permissions") from exc
-    if pyproject and b"capsula" not in data:  # other projects' files, broken or not, are not ours
-        return None, None
-    try:
-        text = data.decode()
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"invalid TOML in {path}: not UTF-8 ({exc.reason}); save it as UTF-8") from exc
-    entry = _read_own_json(_kept_config(path))
-    if isinstance(entry, dict) and entry.get("path") == str(path) and entry.get("text") == text:
-        if isinstance(table := entry.get("table"), dict):
-            return table, None
-    table = _parse_config(path, text)
-    return table, None if table is None else text
-
-
-def _kept_config(path: Path) -> Path:
-    import zlib
-
-    return _cache_path(path.parent, os.environ) / f"config-{zlib.crc32(os.fsencode(path)):08x}.json"
-
-
-def keep_config_table(path: Path, text: str, table: dict[str, Any]) -> None:
-    """Keep a valid config's tables for read_config_table(), readable and writable by this
-    user alone; a TOML date cannot be kept."""
-    if cache_directory(path.parent, os.environ):
-        with contextlib.suppress(CapsulaError, OSError, TypeError, ValueError):
-            entry = json.dumps({"path": str(path), "text": text, "table": table}).encode()
-            write_bytes_atomic(_kept_config(path), entry, mode=0o600)
-
-
-def _read_own_json(path: Path) -> JSON:
-    """A JSON file that only this user can have written (owned, and no one else may write
-    it); else None: in a shared CAPSULA_CACHE_DIR, another user must not choose the tables
-    a config stands for (pre-capture commands are run)."""
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if st.st_uid != getattr(os, "geteuid", lambda: -1)() or st.st_mode & 0o022:
-                return None
-            return cast("JSON", json.loads(f.read()))
-    except (OSError, ValueError, RecursionError):
-        return None
-
-
-def _parse_config(path: Path, text: str) -> dict[str, Any] | None:
+def read_config_table(path: Path) -> dict[str, Any] | None:
+    """A config file's Capsula tables, parsed from its text every time; None for a
+    pyproject.toml without [tool.capsula]."""
     import tomllib
 
+    pyproject = path.name == "pyproject.toml"
     try:
-        table: Any = tomllib.loads(text)
+        text = path.read_bytes()
+    except OSError as exc:
+        if pyproject:
+            return None
+        raise ConfigError(f"cannot read {path}: {user_error_text(exc)}; check its permissions") from exc
+    if pyproject and b"capsula" not in text:  # other projects' files, broken or not, are not ours
+        return None
+    try:
+        table: Any = tomllib.loads(text.decode())
     except tomllib.TOMLDecodeError as exc:
         # tomllib says "... (at line 3, column 7)": keep it, it is where to look.
         raise ConfigError(f"invalid TOML in {path}: {exc}; fix the syntax there") from exc
-    if path.name == "pyproject.toml":
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"invalid TOML in {path}: not UTF-8 ({exc.reason}); save it as UTF-8") from exc
+    if pyproject:
         table = table.get("tool", {}).get("capsula")
         if table is not None and not isinstance(table, dict):
             raise ConfigError(f"'tool.capsula' in {path} must be a table; write [tool.capsula.capture] ...")
     return cast("dict[str, Any] | None", table)
 
 
-def _config_in(folder: Path) -> tuple[Path, dict[str, Any], str | None] | None:
-    """The config file in one folder (capsula.toml first), its Capsula tables, and its
-    text if it was parsed afresh."""
+def _config_in(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The config file in one folder (capsula.toml first) and its Capsula tables."""
     for name in (CONFIG_NAME, "pyproject.toml"):
         candidate = folder / name
         if candidate.is_file():
-            table, fresh = read_config_table(candidate)
+            table = read_config_table(candidate)
             if table is not None:
-                return candidate, table, fresh
+                return candidate, table
     return None
 
 
@@ -864,12 +800,11 @@ def load_config(directory: str | os.PathLike[str] | None = None, *, cwd: Path | 
     the enclosing git work tree or ``cwd``. The root is recorded by its real path.
     """
     cwd = Path(cwd or os.getcwd()).absolute()
-    found: tuple[Path, dict[str, Any], str | None] | None = None
+    found: tuple[Path, dict[str, Any]] | None = None
     if directory is not None:
         given = Path(os.path.realpath(cwd / directory))
         if given.is_file():
-            table, fresh = read_config_table(given)
-            found = (given, table or {}, fresh)
+            found = (given, read_config_table(given) or {})
         elif given.is_dir():
             found = _config_in(given)
         else:
@@ -881,11 +816,7 @@ def load_config(directory: str | os.PathLike[str] | None = None, *, cwd: Path | 
         root = found[0].parent if found else (find_git_top(real) or real)
     if not found:
         return parse_config({}, root=root, source=None)
-    path, table, fresh = found
-    config = parse_config(table, root=root, source=path)
-    if fresh is not None:  # valid: kept, so that tomllib is needed again only when the file changes
-        keep_config_table(path, fresh, table)
-    return config
+    return parse_config(found[1], root=root, source=found[0])
 
 
 # === Records ==================================================================
@@ -2154,15 +2085,11 @@ def current_hz() -> int | None:
 CACHE_DIR = ".capsula_cache"  # in the root, unless CAPSULA_CACHE_DIR names another folder
 
 
-def _cache_path(root: Path, environ: Mapping[str, str]) -> Path:
-    return Path(environ.get("CAPSULA_CACHE_DIR") or root / CACHE_DIR)
-
-
 def cache_directory(root: Path, environ: Mapping[str, str]) -> Path | None:
     """Where facts kept between runs live: outside the vault, ignoring itself as
     .pytest_cache does (a .gitignore holding ``*``); None when it cannot be made.
     Deleting it loses nothing."""
-    path = _cache_path(root, environ)
+    path = Path(environ.get("CAPSULA_CACHE_DIR") or root / CACHE_DIR)
     ignore = b"*\n# made by capsula: facts kept between runs\n"
     try:
         if not (path / ".gitignore").exists():
@@ -2195,6 +2122,20 @@ def scratch_directory(root: Path) -> Path:
 _HOST_FACTS: dict[str, dict[str, JSON]] = {}
 
 
+def _read_own_json(path: Path) -> JSON:
+    """A JSON file that only this user can have written (owned, and no one else may write
+    it); else None: in a shared CAPSULA_CACHE_DIR, another user must not choose the facts a
+    capsule records."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_uid != getattr(os, "geteuid", lambda: -1)() or st.st_mode & 0o022:
+                return None
+            return cast("JSON", json.loads(f.read()))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
 class HostCache:
     """Facts that do not change while the machine is up (platform, CPU), kept in the cache
     directory under a key of host, boot id, interpreter, py-cpuinfo install and user: a
@@ -2205,7 +2146,7 @@ class HostCache:
         import zlib  # a checksum is enough for a file name, and cheaper to import than hashlib
 
         boot = read_boot_id()
-        raw = f"{hostname()}|{boot}|{sys.executable}|{sys.version}|{cpuinfo_stamp}|{getattr(os, 'getuid', int)()}"
+        raw = f"{hostname()}|{boot}|{sys.executable}|{sys.version}|{cpuinfo_stamp}|{getattr(os, 'geteuid', int)()}"
         self.path = directory / f"host-{zlib.crc32(raw.encode()):08x}.json" if boot and directory else None
         cached = _HOST_FACTS.get(raw) or (_read_own_json(self.path) if self.path else None)
         self.data: dict[str, JSON] = cached if isinstance(cached, dict) and cached.get("key") == raw else {"key": raw}
@@ -3887,19 +3828,12 @@ def _exception_info(exc: BaseException) -> ExceptionRecord:
     return {"error_type": type(exc).__name__, "error_message": message, "error_details": details}
 
 
-if TYPE_CHECKING:
-
-    @overload
-    def monitor(directory: Callable[P, R], /) -> Callable[P, R]: ...
-    @overload
-    def monitor(
-        directory: str | os.PathLike[str] | None = None,
-        *,
-        items: Sequence[str] = (),
-        include_return_value: bool = False,
-    ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
-
-
+@overload
+def monitor(directory: Callable[P, R], /) -> Callable[P, R]: ...
+@overload
+def monitor(
+    directory: str | os.PathLike[str] | None = None, *, items: Sequence[str] = (), include_return_value: bool = False
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 def monitor(
     directory: Callable[..., Any] | str | os.PathLike[str] | None = None,
     *,

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -152,42 +149,6 @@ def test_the_config_is_what_its_file_says_every_time(repo: Path, file: str) -> N
     # Nothing kept beside the capsules can change what runs: the vault holds capsules only.
     runs = repo / "runs"
     assert all((p / "context.json").is_file() for p in runs.iterdir()), list(runs.iterdir())
-
-
-def test_a_config_is_parsed_once_and_then_only_when_its_text_changes(repo: Path) -> None:
-    # tomllib is a tenth of `monitor -- true`: a valid config's tables are kept in the cache
-    # beside the exact text they came from, and used for that text in that file only.
-    path = write_config(repo, '[capture]\nvault-directory = "runs"\n')
-    probe = "import sys, capsula; print(capsula.load_config().vault_directory, 'tomllib' in sys.modules)"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-
-    def load_in_a_new_process() -> list[str]:
-        out = subprocess.run([sys.executable, "-c", probe], cwd=repo, env=env, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        return out.stdout.split()
-
-    assert load_in_a_new_process() == ["runs", "True"]
-    assert load_in_a_new_process() == ["runs", "False"]
-    kept = [p for p in Path(os.environ["CAPSULA_CACHE_DIR"]).glob("config-*.json") if load(p)["path"] == str(path)]
-    assert len(kept) == 1 and load(kept[0])["text"] == path.read_text()
-    path.write_text('[capture]\nvault-directory = "v2"\n')
-    assert load_in_a_new_process() == ["v2", "True"]
-    entry = load(kept[0])  # kept for another file (a copied cache): not used
-    kept[0].write_text(json.dumps(entry | {"path": str(repo / "elsewhere.toml")}))
-    assert load_in_a_new_process() == ["v2", "True"]
-    # Only a file that this user alone can have written counts (CAPSULA_CACHE_DIR may be shared).
-    assert kept[0].stat().st_mode & 0o777 == 0o600 and load_in_a_new_process() == ["v2", "False"]
-    kept[0].chmod(0o620)
-    assert load_in_a_new_process() == ["v2", "True"]
-    if os.geteuid() == 0:
-        os.chown(kept[0], 65534, -1)
-        assert load_in_a_new_process() == ["v2", "True"]
-    # A pyproject.toml that names capsula without [tool.capsula] is not a config, -C or not.
-    sub = repo / "sub"
-    sub.mkdir()
-    (sub / "pyproject.toml").write_text('[project]\nname = "x"\ndependencies = ["capsula"]\n')
-    assert capsula.load_config(sub / "pyproject.toml").root == sub
-    assert capsula.load_config(cwd=sub).source == path
 
 
 def test_the_vault_holds_capsule_directories_only(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
