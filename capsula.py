@@ -292,10 +292,14 @@ def write_json(path: Path, data: object, *, room: Path | None = None, mode: int 
 JSON_READ_LIMIT = 64 << 20  # bytes: a larger capsule file is refused, not loaded
 
 
-def read_json(path: Path) -> JSON:
-    """Read a JSON file; None when it is missing, too large or not valid JSON."""
+def read_json(path: Path, *, own: bool = False) -> JSON:
+    """Read a JSON file; None when it is missing, too large or not valid JSON, or with own,
+    when another user could have written it (not ours, or writable by others)."""
     try:
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno()) if own else None
+            if st and (st.st_uid != getattr(os, "geteuid", lambda: -1)() or st.st_mode & 0o022):
+                return None
             data = f.read(JSON_READ_LIMIT + 1)
         return None if len(data) > JSON_READ_LIMIT else cast("JSON", json.loads(data))
     except (OSError, ValueError, RecursionError):
@@ -2122,20 +2126,6 @@ def scratch_directory(root: Path) -> Path:
 _HOST_FACTS: dict[str, dict[str, JSON]] = {}
 
 
-def _read_own_json(path: Path) -> JSON:
-    """A JSON file that only this user can have written (owned, and no one else may write
-    it); else None: in a shared CAPSULA_CACHE_DIR, another user must not choose the facts a
-    capsule records."""
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if st.st_uid != getattr(os, "geteuid", lambda: -1)() or st.st_mode & 0o022:
-                return None
-            return cast("JSON", json.loads(f.read()))
-    except (OSError, ValueError, RecursionError):
-        return None
-
-
 class HostCache:
     """Facts that do not change while the machine is up (platform, CPU), kept in the cache
     directory under a key of host, boot id, interpreter, py-cpuinfo install and user: a
@@ -2148,7 +2138,7 @@ class HostCache:
         boot = read_boot_id()
         raw = f"{hostname()}|{boot}|{sys.executable}|{sys.version}|{cpuinfo_stamp}|{getattr(os, 'geteuid', int)()}"
         self.path = directory / f"host-{zlib.crc32(raw.encode()):08x}.json" if boot and directory else None
-        cached = _HOST_FACTS.get(raw) or (_read_own_json(self.path) if self.path else None)
+        cached = _HOST_FACTS.get(raw) or (read_json(self.path, own=True) if self.path else None)
         self.data: dict[str, JSON] = cached if isinstance(cached, dict) and cached.get("key") == raw else {"key": raw}
         _HOST_FACTS[raw] = self.data  # read once per process
 
